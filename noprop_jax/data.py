@@ -1,0 +1,292 @@
+"""Datasets: digits (embedded), MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100.
+
+Sources, in order: a local directory of the original distribution files
+(verified against published checksums), else TensorFlow Datasets. Images come
+back as uint8 [N, H, W, C] (digits: float32 in [0, 1]); the training code
+scales to [0, 1] on the device. Nothing here runs code from a data file: CIFAR
+pickles go through an unpickler that admits only numpy arrays.
+"""
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
+
+
+class DataError(ValueError):
+  """A data file is corrupt, truncated, of the wrong format or fails its checksum."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images: np.ndarray  # [N, H, W, C], uint8 (or float32 in [0, 1])
+  labels: np.ndarray  # [N], int32
+
+  def __post_init__(self):
+    if len(self.images) != len(self.labels):
+      raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  name: str
+  train: Split
+  test: Split
+  num_classes: int
+  source: str  # where it was read from, for the logs
+
+
+# ----------------------------------------------------------------------------- digits
+
+def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+  """scikit-learn's bundled 8x8 digits, a fixed stratified split (seed 0, 20% test per class)."""
+  from sklearn.datasets import load_digits as _sk_digits
+
+  d = _sk_digits()
+  images = (d.images.astype(np.float32) / 16.0)[..., None]
+  labels = d.target.astype(np.int32)
+  rng = np.random.RandomState(split_seed)
+  test = np.zeros(len(labels), bool)
+  for c in range(10):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    test[idx[: int(round(test_fraction * len(idx)))]] = True
+  return Dataset("digits", Split(images[~test], labels[~test]), Split(images[test], labels[test]),
+                 10, "scikit-learn bundled digits")
+
+
+# ----------------------------------------------------------------------------- MNIST-style IDX
+
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# Published MD5s: of the original .gz downloads, and of the uncompressed content
+# where known (a re-compressed .gz has other bytes but the same content).
+_IDX_MD5 = {
+    "mnist": {
+        "train-images-idx3-ubyte": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
+        "train-labels-idx1-ubyte": ("d53e105ee54ea40749a09fcbcd1e9432", "a25bea736e30d166cdddb491f175f624"),
+        "t10k-images-idx3-ubyte": ("9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
+        "t10k-labels-idx1-ubyte": ("ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
+    },
+    "fashion_mnist": {  # only the .gz checksums are published
+        "train-images-idx3-ubyte": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", None),
+        "train-labels-idx1-ubyte": ("25c81989df183df01b3e8a0aad5dffbe", None),
+        "t10k-images-idx3-ubyte": ("bef4ecab320f06d8554ea6380940ec79", None),
+        "t10k-labels-idx1-ubyte": ("bb300cfdad3c16e7a12a480ee83cd310", None),
+    },
+}
+
+
+def _md5(data: bytes) -> str:
+  return hashlib.md5(data).hexdigest()
+
+
+def parse_idx(data: bytes, what: str) -> np.ndarray:
+  """An IDX file of unsigned bytes (magic 0x0000 08 nd) -> uint8 array."""
+  if len(data) < 4 or data[0:2] != b"\x00\x00" or data[2] != 0x08:
+    raise DataError(f"{what}: not an IDX file of unsigned bytes (bad magic number {data[:4]!r})")
+  nd = data[3]
+  header = 4 + 4 * nd
+  if nd not in (1, 3) or len(data) < header:
+    raise DataError(f"{what}: IDX header with {nd} dimensions is truncated or unsupported")
+  dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd))
+  expected = header + int(np.prod(dims))
+  if len(data) != expected:
+    kind = "truncated" if len(data) < expected else "longer than its header says"
+    raise DataError(f"{what}: file is {kind}: {len(data)} bytes, header {dims} needs {expected}")
+  return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _read_idx(directory: Path, base: str, dataset: str, verify: bool) -> np.ndarray:
+  for name in (base + ".gz", base):
+    path = directory / name
+    if path.exists():
+      break
+  else:
+    raise FileNotFoundError(f"missing {base}.gz (or {base}) in {directory}")
+  raw = path.read_bytes()
+  if name.endswith(".gz"):
+    try:
+      content = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+      raise DataError(f"{path}: corrupt or truncated gzip file ({e})") from None
+  else:
+    content = raw
+  if verify:
+    gz_md5, content_md5 = _IDX_MD5[dataset][base]
+    ok = _md5(content) == content_md5 or (name.endswith(".gz") and _md5(raw) == gz_md5)
+    if not ok and content_md5 is None and not name.endswith(".gz"):
+      warnings.warn(f"{path}: no published checksum for the uncompressed {dataset} file; "
+                    "checked its format only")
+    elif not ok:
+      raise DataError(f"{path}: checksum mismatch for {dataset} (content md5 {_md5(content)}); "
+                      "the file is corrupt or from another dataset. Pass verify=False "
+                      "(--no-verify) to load it anyway.")
+  return parse_idx(content, str(path))
+
+
+def load_idx_dir(dataset: str, directory: str | os.PathLike, verify: bool = True) -> Dataset:
+  """MNIST or Fashion-MNIST from the four original IDX files (gzipped or not)."""
+  directory = Path(directory)
+  arrays = {k: _read_idx(directory, base, dataset, verify) for k, base in _IDX_FILES.items()}
+
+  def split(images, labels):
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1:
+      raise DataError(f"{directory}: expected 28x28 images and 1-D labels, got "
+                      f"{images.shape} and {labels.shape}")
+    if labels.max(initial=0) > 9:
+      raise DataError(f"{directory}: label {labels.max()} out of range 0..9")
+    return Split(images[..., None], labels.astype(np.int32))
+
+  return Dataset(dataset, split(arrays["train_images"], arrays["train_labels"]),
+                 split(arrays["test_images"], arrays["test_labels"]), 10, str(directory))
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+_CIFAR = {
+    "cifar10": dict(archive="cifar-10-python.tar.gz", folder="cifar-10-batches-py",
+                    md5="c58f30108f718f92721af3b95e74349a", label_key=b"labels", classes=10,
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"]),
+    "cifar100": dict(archive="cifar-100-python.tar.gz", folder="cifar-100-python",
+                     md5="eb9058c3a382ffc7106e4002c42a8d85", label_key=b"fine_labels",
+                     classes=100, train=["train"], test=["test"]),
+}
+
+
+def _numpy_reconstruct():
+  core = getattr(np, "_core", None) or np.core
+  return core.multiarray._reconstruct
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+  """Admits only what CIFAR's pickles hold: dicts, lists, bytes, numpy arrays."""
+
+  def find_class(self, module, name):
+    allowed = {("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+               ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+               ("numpy", "ndarray"): lambda: np.ndarray, ("numpy", "dtype"): lambda: np.dtype}
+    if (module, name) not in allowed:
+      raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR file holds "
+                                   "only numpy arrays, lists and dicts")
+    return allowed[(module, name)]()
+
+
+def safe_unpickle(data: bytes, what: str) -> dict:
+  try:
+    obj = _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+  except pickle.UnpicklingError as e:
+    raise DataError(f"{what}: {e}") from None
+  except Exception as e:  # truncated or garbled pickles raise many kinds of errors
+    raise DataError(f"{what}: corrupt or truncated pickle ({type(e).__name__}: {e})") from None
+  if not isinstance(obj, dict):
+    raise DataError(f"{what}: expected a dict, got {type(obj).__name__}")
+  return obj
+
+
+def _cifar_batch(obj: dict, label_key: bytes, classes: int, what: str) -> Split:
+  data, labels = obj.get(b"data"), obj.get(label_key)
+  if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+    raise DataError(f"{what}: 'data' must be a uint8 array [N, 3072]")
+  labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
+  if labels.shape != (len(data),) or labels.min(initial=0) < 0 or labels.max(initial=0) >= classes:
+    raise DataError(f"{what}: {label_key.decode()} must be {len(data)} labels in 0..{classes - 1}")
+  return Split(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels.astype(np.int32))
+
+
+def load_cifar(dataset: str, directory: str | os.PathLike, verify: bool = True) -> Dataset:
+  """CIFAR-10/100 from the python archive (`*-python.tar.gz`) or its extracted folder."""
+  spec, directory = _CIFAR[dataset], Path(directory)
+  archive, folder = directory / spec["archive"], directory / spec["folder"]
+  if not folder.is_dir() and directory.name == spec["folder"]:
+    folder = directory
+  if archive.exists():
+    raw = archive.read_bytes()
+    if verify and _md5(raw) != spec["md5"]:
+      raise DataError(f"{archive}: checksum mismatch (md5 {_md5(raw)}, published {spec['md5']}); "
+                      "the archive is corrupt or truncated. Pass verify=False (--no-verify) to "
+                      "load it anyway.")
+    try:
+      with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
+        members = {m.name.split("/")[-1]: m for m in tar.getmembers() if m.isfile()}
+        read = lambda n: tar.extractfile(members[n]).read() if n in members else None
+        files = {n: read(n) for n in spec["train"] + spec["test"]}
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+      raise DataError(f"{archive}: corrupt or truncated archive ({e})") from None
+    source = str(archive)
+  elif folder.is_dir():
+    files = {n: (folder / n).read_bytes() if (folder / n).exists() else None
+             for n in spec["train"] + spec["test"]}
+    source = str(folder)
+  else:
+    raise FileNotFoundError(f"neither {archive} nor {folder}/ exists")
+  missing = [n for n, b in files.items() if b is None]
+  if missing:
+    raise FileNotFoundError(f"{source}: missing {', '.join(missing)}")
+
+  def merge(names):
+    parts = [_cifar_batch(safe_unpickle(files[n], f"{source}:{n}"), spec["label_key"],
+                          spec["classes"], f"{source}:{n}") for n in names]
+    return Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+
+  return Dataset(dataset, merge(spec["train"]), merge(spec["test"]), spec["classes"], source)
+
+
+# ----------------------------------------------------------------------------- TFDS and dispatch
+
+def _expected_files(dataset: str) -> str:
+  if dataset in ("mnist", "fashion_mnist"):
+    return ", ".join(f"{b}.gz" for b in _IDX_FILES.values()) + " (gzipped or not)"
+  spec = _CIFAR[dataset]
+  return f"{spec['archive']} or its extracted folder {spec['folder']}/"
+
+
+def load_tfds(dataset: str, data_dir: str | None = None, download: bool = True) -> Dataset:
+  import tensorflow_datasets as tfds
+
+  train, test = tfds.as_numpy(tfds.load(dataset, split=["train", "test"], batch_size=-1,
+                                        as_supervised=True, data_dir=data_dir, download=download))
+  split = lambda xy: Split(np.asarray(xy[0], np.uint8), np.asarray(xy[1], np.int32))
+  return Dataset(dataset, split(train), split(test), 100 if dataset == "cifar100" else 10,
+                 "tensorflow_datasets")
+
+
+def load(dataset: str, data_dir: str | os.PathLike | None = None, verify: bool = True,
+         tfds_download: bool = True, tfds_dir: str | None = None) -> Dataset:
+  """Load `dataset`; from `data_dir` if given, else from TensorFlow Datasets."""
+  if dataset not in DATASETS:
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+  if dataset == "digits":
+    return load_digits()
+  if data_dir is not None:
+    if not Path(data_dir).is_dir():
+      raise FileNotFoundError(f"--data-dir {data_dir} is not a directory; put "
+                              f"{_expected_files(dataset)} there")
+    try:
+      if dataset in ("mnist", "fashion_mnist"):
+        return load_idx_dir(dataset, data_dir, verify)
+      return load_cifar(dataset, data_dir, verify)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{dataset}: {e}. Put {_expected_files(dataset)} in "
+                              f"{data_dir}") from None
+  try:
+    return load_tfds(dataset, tfds_dir, tfds_download)
+  except Exception as e:  # ImportError, offline download failure, missing prepared data
+    raise FileNotFoundError(
+        f"{dataset}: no --data-dir given and TensorFlow Datasets could not provide it "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline, download "
+        f"{_expected_files(dataset)} elsewhere, put them in a directory and pass "
+        "--data-dir DIR.") from None

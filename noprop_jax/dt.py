@@ -1,0 +1,302 @@
+"""NoProp-DT as pure functions: init, losses, training steps, inference.
+
+State is a plain pytree (dict):
+  step        int32 scalar, number of optimizer steps taken
+  blocks      {'params', 'batch_stats'}, every leaf stacked on a leading T axis
+  shared      {'head': {'kernel' [d, m], 'bias' [m]}, 'embed' [m, d] if learned}
+  opt_blocks  optimizer state of the blocks, stacked on T (per-block Adam moments,
+              per-block step counts)
+  opt_shared  optimizer state of `shared`
+
+Block t (index i = t - 1 here) sees only z_{t-1} ~ q(z_{t-1} | y) and its own
+loss term; nothing couples blocks but the shared head and embedding.
+"""
+
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from noprop_jax.config import Config
+from noprop_jax.models import DTBlock, init_embedding
+from noprop_jax.schedule import DTSchedule, dt_schedule
+
+State = dict[str, Any]
+Metrics = dict[str, jax.Array]
+
+
+def make_model(cfg: Config) -> DTBlock:
+  return DTBlock(cfg.num_classes, cfg.info.padding, cfg.dropout, cfg.resolved_conv_impl())
+
+
+def schedule(cfg: Config) -> DTSchedule:
+  return dt_schedule(cfg.T, cfg.eta, cfg.alpha_bar_min, cfg.alpha_bar_max)
+
+
+def optimizer(cfg: Config) -> optax.GradientTransformation:
+  """AdamW (paper Table 4), after clipping by the gradient norm of *this* tree.
+
+  Applied per block with `jax.vmap`, so each block clips by its own norm and
+  keeps its own moments and step count.
+  """
+  adamw = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
+
+
+def embedding_matrix(shared: dict, cfg: Config) -> jax.Array:
+  """W_embed [m, d]: the fixed identity for one-hot, else the learned matrix."""
+  if cfg.embedding == "onehot":
+    return jnp.eye(cfg.num_classes, dtype=jnp.float32)
+  return shared["embed"]
+
+
+def init(cfg: Config, key: jax.Array) -> State:
+  """All T blocks initialised independently (vmap of init), head, embedding, optimizers."""
+  k_blocks, k_head, k_embed = jax.random.split(key, 3)
+  model = make_model(cfg)
+  x = jnp.zeros((1, *cfg.image_shape), jnp.float32)
+  z = jnp.zeros((1, cfg.embedding_dim), jnp.float32)
+  init_one = lambda k: model.init({"params": k}, x, z, train=False)
+  variables = jax.vmap(init_one)(jax.random.split(k_blocks, cfg.T))
+  blocks = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  d, m = cfg.embedding_dim, cfg.num_classes
+  # Zero head: softmax regression on z_T is convex, and from zero Adam's first step
+  # already makes it diagonal-dominant; a random init needs thousands of steps to undo.
+  shared = {"head": {"kernel": jnp.zeros((d, m), jnp.float32),
+                     "bias": jnp.zeros((m,), jnp.float32)}}
+  if cfg.embedding == "learned":
+    shared["embed"] = init_embedding(k_embed, m, d)
+  opt = optimizer(cfg)
+  return {"step": jnp.zeros((), jnp.int32), "blocks": blocks, "shared": shared,
+          "opt_blocks": jax.vmap(opt.init)(blocks["params"]), "opt_shared": opt.init(shared)}
+
+
+def check_images(x: jax.Array, cfg: Config) -> None:
+  if x.ndim != 4 or tuple(x.shape[1:]) != cfg.image_shape:
+    raise ValueError(f"images must have shape [batch, {', '.join(map(str, cfg.image_shape))}] "
+                     f"for dataset {cfg.dataset!r}, got {tuple(x.shape)}")
+
+
+def _to_float(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+
+
+def _noisy(u: jax.Array, alpha_bar: jax.Array, key: jax.Array) -> jax.Array:
+  """A sample of q(z | y) = N(sqrt(alpha_bar) u_y, (1 - alpha_bar) I)."""
+  return jnp.sqrt(alpha_bar) * u + jnp.sqrt(1.0 - alpha_bar) * jax.random.normal(key, u.shape)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def block_loss(cfg: Config, block_params, block_stats, shared, x, y, i, key):
+  """Loss of block i (paper's t = i + 1): (T/2) eta (SNR(t)-SNR(t-1)) ||u_hat - u_y||^2.
+
+  Returns (loss, (new_batch_stats, metrics)). Gradient flows to this block's
+  parameters and, when learned, to the embedding.
+  """
+  sched = schedule(cfg)
+  W = embedding_matrix(shared, cfg)
+  u = W[y]
+  k_noise, k_drop = jax.random.split(key)
+  z = _noisy(u, sched.alpha_bar[i], k_noise)
+  logits, mutated = make_model(cfg).apply(
+      {"params": block_params, "batch_stats": block_stats}, x, z, train=True,
+      rngs={"dropout": k_drop}, mutable=["batch_stats"])
+  u_hat = jax.nn.softmax(logits) @ W
+  mse = jnp.mean(jnp.sum((u_hat - u) ** 2, axis=-1))
+  acc = jnp.mean(jnp.argmax(logits, -1) == y)
+  return sched.weight[i] * mse, (mutated["batch_stats"], {"mse": mse, "accuracy": acc})
+
+
+def head_loss(cfg: Config, shared, y, key):
+  """-log p(y | z_T), z_T ~ q(z_T | y), plus KL(q(z_0 | y) || N(0, I)) in closed form."""
+  sched = schedule(cfg)
+  u = embedding_matrix(shared, cfg)[y]
+  z_T = _noisy(u, sched.alpha_bar[-1], key)
+  logits = z_T @ shared["head"]["kernel"] + shared["head"]["bias"]
+  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+  ab0 = sched.alpha_bar[0]
+  kl = 0.5 * jnp.mean(jnp.sum(ab0 * u**2 + (1 - ab0) - 1 - jnp.log1p(-ab0), axis=-1))
+  return ce + kl, {"ce": ce, "kl": kl}
+
+
+# ----------------------------------------------------------------------------- per-block gradients
+
+def _block_grad_fn(cfg, shared, x, y):
+  """(params_i, stats_i, i, key_i) -> (loss, new_stats, grad_params, grad_shared, metrics)."""
+  vg = jax.value_and_grad(partial(block_loss, cfg), argnums=(0, 2), has_aux=True)
+
+  def one(p, s, i, k):
+    (loss, (new_s, m)), (gp, gs) = vg(p, s, shared, x, y, i, k)
+    return loss, new_s, gp, gs, m
+
+  return one
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def block_gradients(cfg: Config, formulation: str, blocks, shared, x, y, key):
+  """Every block's loss and gradient, mapped over the stacked T axis.
+
+  The formulations compute the same numbers; they differ in what XLA runs fast
+  and in temporary memory: 'vmap' (one batched program, fast on GPU/TPU),
+  'unroll' (T copies in one jit, fast on XLA:CPU), 'scan' (one block at a time
+  in a loop: least memory). Shared-parameter gradients are summed over blocks.
+  """
+  one = _block_grad_fn(cfg, shared, x, y)
+  idx = jnp.arange(cfg.T)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
+  params, stats = blocks["params"], blocks["batch_stats"]
+  if formulation == "vmap":
+    loss, new_s, gp, gs, m = jax.vmap(one)(params, stats, idx, keys)
+    gs = jax.tree.map(lambda g: g.sum(0), gs)
+  elif formulation == "unroll":
+    outs = [one(jax.tree.map(lambda a: a[i], params), jax.tree.map(lambda a: a[i], stats), i,
+                keys[i]) for i in range(cfg.T)]
+    loss, new_s, gp, gs, m = _stack(outs)
+    gs = jax.tree.map(lambda g: g.sum(0), gs)
+  elif formulation == "scan":
+    def body(acc, inp):
+      loss, new_s, gp, gs, m = one(*inp)
+      return jax.tree.map(jnp.add, acc, gs), (loss, new_s, gp, m)
+
+    zeros = jax.tree.map(jnp.zeros_like, shared)
+    gs, (loss, new_s, gp, m) = lax.scan(body, zeros, (params, stats, idx, keys))
+  else:
+    raise ValueError(f"unknown formulation {formulation!r}")
+  return loss, new_s, gp, gs, m
+
+
+# ----------------------------------------------------------------------------- training steps
+
+def _step_key(cfg: Config, step: jax.Array) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 1), step)
+
+
+def parallel_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tuple[State, Metrics]:
+  """One optimizer step of all T blocks (and the head/embedding) on one batch."""
+  x = _to_float(x)
+  key = _step_key(cfg, state["step"])
+  k_blocks, k_head = jax.random.split(key)
+  loss_b, new_stats, g_blocks, g_shared, m = block_gradients(
+      cfg, cfg.resolved_formulation(), state["blocks"], state["shared"], x, y, k_blocks)
+  (loss_h, mh), g_head = jax.value_and_grad(partial(head_loss, cfg), has_aux=True)(
+      state["shared"], y, k_head)
+  g_shared = jax.tree.map(jnp.add, g_shared, g_head)
+  opt = optimizer(cfg)
+  params = state["blocks"]["params"]
+  upd, opt_blocks = jax.vmap(opt.update)(g_blocks, state["opt_blocks"], params)
+  upd_s, opt_shared = opt.update(g_shared, state["opt_shared"], state["shared"])
+  new_state = {"step": state["step"] + 1,
+               "blocks": {"params": optax.apply_updates(params, upd), "batch_stats": new_stats},
+               "shared": optax.apply_updates(state["shared"], upd_s),
+               "opt_blocks": opt_blocks, "opt_shared": opt_shared}
+  metrics = {"loss": loss_b.sum() + loss_h, "block_loss": loss_b, "block_mse": m["mse"],
+             "block_accuracy": m["accuracy"], **mh}
+  return new_state, metrics
+
+
+def sequential_step(cfg: Config, state: State, x: jax.Array, y: jax.Array,
+                    block: jax.Array) -> tuple[State, Metrics]:
+  """Algorithm 1's step: update only block `block` (a traced index) and the head/embedding."""
+  x = _to_float(x)
+  key = _step_key(cfg, state["step"])
+  k_block, k_head = jax.random.split(key)
+  take = lambda tree: jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, block, keepdims=False), tree)
+  put = lambda tree, new: jax.tree.map(
+      lambda a, v: lax.dynamic_update_index_in_dim(a, v, block, 0), tree, new)
+  one = _block_grad_fn(cfg, state["shared"], x, y)
+  p, s, o = take(state["blocks"]["params"]), take(state["blocks"]["batch_stats"]), take(state["opt_blocks"])
+  loss_b, new_s, g_p, g_shared, m = one(p, s, block, jax.random.fold_in(k_block, block))
+  (loss_h, mh), g_head = jax.value_and_grad(partial(head_loss, cfg), has_aux=True)(
+      state["shared"], y, k_head)
+  g_shared = jax.tree.map(jnp.add, g_shared, g_head)
+  opt = optimizer(cfg)
+  upd, new_o = opt.update(g_p, o, p)
+  upd_s, opt_shared = opt.update(g_shared, state["opt_shared"], state["shared"])
+  new_state = {"step": state["step"] + 1,
+               "blocks": {"params": put(state["blocks"]["params"], optax.apply_updates(p, upd)),
+                          "batch_stats": put(state["blocks"]["batch_stats"], new_s)},
+               "shared": optax.apply_updates(state["shared"], upd_s),
+               "opt_blocks": put(state["opt_blocks"], new_o), "opt_shared": opt_shared}
+  return new_state, {"loss": loss_b + loss_h, "block_mse": m["mse"],
+                     "block_accuracy": m["accuracy"], **mh}
+
+
+def loss(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
+  """The total NoProp-DT objective (Eq. 8, summed over t) on one batch, in training mode."""
+  x = _to_float(x)
+  k_blocks, k_head = jax.random.split(key)
+  loss_b, *_ = block_gradients(cfg, "vmap", state["blocks"], state["shared"], x, y, k_blocks)
+  return loss_b.sum() + head_loss(cfg, state["shared"], y, k_head)[0]
+
+
+def make_train_step(cfg: Config) -> Callable[[State, jax.Array, jax.Array], tuple[State, Metrics]]:
+  """Jitted `(state, x, y) -> (state, metrics)` updating all blocks; donates `state`."""
+  return jax.jit(partial(parallel_step, cfg), donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- inference
+
+def image_features(cfg: Config, state: State, x: jax.Array) -> jax.Array:
+  """Each block's image pathway on x: [T, B, 256]. Independent of z, so computed once."""
+  model = make_model(cfg)
+  x = _to_float(x)
+  f = lambda p, s: model.apply({"params": p, "batch_stats": s}, x, train=False,
+                               method=DTBlock.features)
+  params, stats = state["blocks"]["params"], state["blocks"]["batch_stats"]
+  if cfg.resolved_formulation() == "unroll":  # XLA:CPU runs grouped (vmapped) convs slowly
+    take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+    return jnp.stack([f(take(params, i), take(stats, i)) for i in range(cfg.T)])
+  return jax.vmap(f)(params, stats)
+
+
+def denoise_chain(cfg: Config, state: State, feats_TBF: jax.Array, z0_BD: jax.Array,
+                  eps_TBD: jax.Array) -> jax.Array:
+  """z_t = a_t u_hat_t(z_{t-1}, x) + b_t z_{t-1} + sqrt(c_t) eps_t for t = 1..T (lax.scan)."""
+  sched, model = schedule(cfg), make_model(cfg)
+  W = embedding_matrix(state["shared"], cfg)
+
+  def step(z, inp):
+    p, s, f, a, b, c, eps = inp
+    logits = model.apply({"params": p, "batch_stats": s}, f, z, train=False,
+                         method=DTBlock.logits_from_features)
+    return a * (jax.nn.softmax(logits) @ W) + b * z + jnp.sqrt(c) * eps, None
+
+  xs = (state["blocks"]["params"], state["blocks"]["batch_stats"], feats_TBF,
+        sched.a, sched.b, sched.c, eps_TBD)
+  return lax.scan(step, z0_BD, xs)[0]
+
+
+def output_logits(state: State, z_BD: jax.Array) -> jax.Array:
+  return z_BD @ state["shared"]["head"]["kernel"] + state["shared"]["head"]["bias"]
+
+
+def predict(cfg: Config, state: State, x: jax.Array, key: jax.Array | None = None,
+            mode: str | None = None) -> jax.Array:
+  """Class logits for images x [B, H, W, C].
+
+  mode 'mean' (default): the deterministic mean path, z_0 = E[z_0] = 0 and
+  eps_t = 0; it is reproducible and, early in training, more accurate than
+  sampling (DESIGN.md section 10). mode 'stochastic': the paper's sampling,
+  z_0 ~ N(0, I) and eps_t ~ N(0, I); needs `key`.
+  """
+  check_images(x, cfg)
+  mode = mode or cfg.inference
+  feats = image_features(cfg, state, x)
+  shape = (x.shape[0], cfg.embedding_dim)
+  if mode == "mean":
+    z0, eps = jnp.zeros(shape), jnp.zeros((cfg.T, *shape))
+  elif mode == "stochastic":
+    if key is None:
+      raise ValueError("stochastic inference needs a PRNG key")
+    k0, k1 = jax.random.split(key)
+    z0, eps = jax.random.normal(k0, shape), jax.random.normal(k1, (cfg.T, *shape))
+  else:
+    raise ValueError(f"unknown inference mode {mode!r}; choose 'mean' or 'stochastic'")
+  return output_logits(state, denoise_chain(cfg, state, feats, z0, eps))

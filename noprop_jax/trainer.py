@@ -1,0 +1,225 @@
+"""The training loop behind experiments/train.py: device-resident data, one
+jitted step per batch, per-epoch evaluation, checkpoints and exact resume."""
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from tqdm.auto import tqdm
+
+from noprop_jax import dt
+from noprop_jax.checkpoint import Checkpointer, guard_config
+from noprop_jax.config import Config
+from noprop_jax.data import Dataset, load
+from noprop_jax.models import count_params
+
+TRAIN_EVAL_SIZE = 10_000  # train_accuracy is measured on a fixed subset of this many
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def make_epoch_step(cfg: Config, n_train: int) -> Callable:
+  """Jitted `(state, images, labels) -> (state, metrics)`.
+
+  The batch is cut on the device from the whole training split: pass p =
+  step // steps_per_pass is shuffled by a permutation keyed on (seed, p), so a
+  run resumed at any step sees exactly the batches it would have seen.
+  Sequential training (Algorithm 1) updates block p % T during pass p.
+  """
+  B = cfg.batch_size
+  per_pass = n_train // B
+  data_key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
+
+  def step(state, images, labels):
+    p, i = jnp.divmod(state["step"], per_pass)
+    perm = jax.random.permutation(jax.random.fold_in(data_key, p), n_train)
+    idx = lax.dynamic_slice_in_dim(perm, i * B, B)
+    x, y = images[idx], labels[idx]
+    if cfg.training == "sequential":
+      return dt.sequential_step(cfg, state, x, y, p % cfg.T)
+    return dt.parallel_step(cfg, state, x, y)
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_evaluator(cfg: Config, n: int, runs: int, batch: int = 500) -> Callable:
+  """Jitted `(state, images, labels, key) -> (mean-path accuracy, [runs] stochastic accuracies)`.
+
+  One call covers the whole split (lax.map over fixed-size batches). Each
+  block's image pathway runs once per image; the mean path and all stochastic
+  runs reuse it.
+  """
+  batch = min(batch, n)
+  nb = math.ceil(n / batch)
+
+  def evaluate(state, images, labels, key):
+    pad = nb * batch - n
+    xs = jnp.pad(images, [(0, pad)] + [(0, 0)] * 3).reshape(nb, batch, *images.shape[1:])
+    ys = jnp.pad(labels, (0, pad), constant_values=-1).reshape(nb, batch)
+
+    def one(args):
+      x, y, k = args
+      feats = dt.image_features(cfg, state, x)
+      shape = (cfg.T, batch, cfg.embedding_dim)
+      z_mean = dt.denoise_chain(cfg, state, feats, jnp.zeros(shape[1:]), jnp.zeros(shape))
+      correct = lambda z: jnp.sum(jnp.argmax(dt.output_logits(state, z), -1) == y)
+
+      def sample(k):
+        k0, k1 = jax.random.split(k)
+        return correct(dt.denoise_chain(cfg, state, feats, jax.random.normal(k0, shape[1:]),
+                                        jax.random.normal(k1, shape)))
+
+      stoch = jax.vmap(sample)(jax.random.split(k, runs)) if runs else jnp.zeros((0,), jnp.int32)
+      return correct(z_mean), stoch
+
+    keys = jax.random.split(key, nb)
+    c_mean, c_stoch = lax.map(one, (xs, ys, keys))
+    return c_mean.sum() / n, c_stoch.sum(0) / n
+
+  return jax.jit(evaluate)
+
+
+def _host_metrics(tree) -> dict[str, Any]:
+  return {k: (float(v) if np.ndim(v) == 0 else [float(a) for a in np.asarray(v)])
+          for k, v in jax.device_get(tree).items()}
+
+
+def _check_finite(value: float, step: int, ckpt_step: int | None, workdir: Path) -> None:
+  if not math.isfinite(value):
+    where = (f"the last good checkpoint (step {ckpt_step}) in {workdir / 'checkpoints'} is "
+             "intact" if ckpt_step is not None else "no checkpoint had been written yet")
+    raise NonFiniteLossError(f"non-finite training loss ({value}) at step {step}; stopped "
+                             f"without saving: {where}. Try a lower --lr or --grad-clip.")
+
+
+def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify: bool = True,
+          dataset: Dataset | None = None, checkpoint_every: int = 200, log_every: int = 10,
+          progress: bool = True, stop_at_step: int | None = None,
+          print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+  """Train `cfg` in `workdir` (resuming what is there) and return the summary.
+
+  `stop_at_step` simulates an interruption (for tests): training stops right
+  after that step, as a kill would, and the function returns None.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  guard_config(workdir, cfg.to_dict())
+  ds = dataset if dataset is not None else load(cfg.dataset, data_dir, verify=verify)
+  if ds.num_classes != cfg.num_classes:
+    raise ValueError(f"dataset {ds.name!r} has {ds.num_classes} classes; config expects "
+                     f"{cfg.num_classes}")
+  dt.check_images(ds.train.images, cfg)
+  dt.check_images(ds.test.images, cfg)
+  n_train, n_test = len(ds.train.labels), len(ds.test.labels)
+  per_pass = n_train // cfg.batch_size
+  if per_pass == 0:
+    raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train})")
+  per_epoch = per_pass * (cfg.T if cfg.training == "sequential" else 1)
+  total = per_epoch * cfg.epochs
+
+  train_x, train_y = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
+  test_x, test_y = jax.device_put(ds.test.images), jax.device_put(ds.test.labels)
+  sub = np.random.RandomState(cfg.seed).permutation(n_train)[:TRAIN_EVAL_SIZE]
+  sub_x, sub_y = jax.device_put(ds.train.images[sub]), jax.device_put(ds.train.labels[sub])
+
+  state = dt.init(cfg, jax.random.key(cfg.seed))
+  params_per_block = count_params(jax.tree.map(lambda a: a[0], state["blocks"]["params"]))
+  ckpt = Checkpointer(workdir)
+  meta = {"step": 0, "train_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
+  ckpt_step = ckpt.latest_step()
+  if ckpt_step is not None:
+    state, meta = ckpt.restore(ckpt_step, state)
+    print_fn(f"resuming from checkpoint at step {ckpt_step} (epoch {ckpt_step // per_epoch}, "
+             f"{ckpt_step % per_epoch}/{per_epoch} steps into it)")
+  start = int(meta["step"])
+  start_epoch = start // per_epoch
+  metrics_path = workdir / "metrics.jsonl"
+  kept = [l for l in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+          if l.strip() and json.loads(l)["epoch"] <= start_epoch]
+  metrics_path.write_text("".join(l + "\n" for l in kept))
+
+  step_fn = make_epoch_step(cfg, n_train)
+  eval_test = make_evaluator(cfg, n_test, cfg.inference_runs)
+  eval_train = make_evaluator(cfg, len(sub), 0)
+  eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 3)
+  train_seconds = float(meta["train_seconds"])
+  print_fn(f"NoProp-DT on {ds.name} ({n_train} train / {n_test} test, from {ds.source}); "
+           f"T={cfg.T}, {params_per_block:,} parameters per block, "
+           f"{cfg.training} training, formulation={cfg.resolved_formulation()}, "
+           f"backend={jax.default_backend()}")
+
+  try:
+    for epoch in range(start_epoch, cfg.epochs):
+      first = max(start, epoch * per_epoch)
+      loss_sum = jnp.asarray(meta["loss_sum"] if first == start else 0.0, jnp.float32)
+      count = int(meta["loss_count"]) if first == start else 0
+      bar = tqdm(range(first, (epoch + 1) * per_epoch), initial=first - epoch * per_epoch,
+                 total=per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                 leave=False, dynamic_ncols=True)
+      t0 = time.perf_counter()
+      for step in bar:
+        state, m = step_fn(state, train_x, train_y)
+        loss_sum, count = loss_sum + m["loss"], count + 1
+        done = step + 1
+        if done % log_every == 0 or done % checkpoint_every == 0 or done == stop_at_step:
+          loss = float(m["loss"])
+          _check_finite(loss, done, ckpt.latest_step(), workdir)
+          bar.set_postfix(loss=f"{loss:.4g}", ce=f"{float(m['ce']):.3f}")
+        if done == stop_at_step:
+          return None
+        if done % checkpoint_every == 0 and done % per_epoch:
+          secs = train_seconds + time.perf_counter() - t0
+          ckpt.save(done, state, {"step": done, "train_seconds": secs,
+                                  "loss_sum": float(loss_sum), "loss_count": count})
+      bar.close()
+      epoch_loss = float(loss_sum) / max(count, 1)
+      _check_finite(epoch_loss, (epoch + 1) * per_epoch, ckpt.latest_step(), workdir)
+      seconds = time.perf_counter() - t0
+      train_seconds += seconds
+      k = jax.random.fold_in(eval_key, epoch)
+      acc_mean, acc_stoch = jax.device_get(eval_test(state, test_x, test_y, k))
+      tr_mean, _ = jax.device_get(eval_train(state, sub_x, sub_y, k))
+      test_acc = float(acc_mean if cfg.inference == "mean" else acc_stoch.mean())
+      record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch, "train_loss": epoch_loss,
+                "train_accuracy": float(tr_mean), "test_accuracy": test_acc,
+                "test_accuracy_mean_path": float(acc_mean),
+                "test_accuracy_stochastic": float(acc_stoch.mean()), "seconds": seconds,
+                **{k_: v for k_, v in _host_metrics(m).items() if k_ in ("ce", "kl")},
+                "block_accuracy": _host_metrics(m)["block_accuracy"]}
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+      ckpt.save((epoch + 1) * per_epoch, state,
+                {"step": (epoch + 1) * per_epoch, "train_seconds": train_seconds,
+                 "loss_sum": 0.0, "loss_count": 0})
+      print_fn(f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4g}, train acc "
+               f"{tr_mean:.4f}, test acc {test_acc:.4f} (mean path {acc_mean:.4f}, "
+               f"stochastic {acc_stoch.mean():.4f}), {seconds:.1f}s")
+  finally:
+    ckpt.close()
+
+  acc_mean, acc_stoch = jax.device_get(
+      eval_test(state, test_x, test_y, jax.random.fold_in(eval_key, 10**6)))
+  summary = {
+      "test_accuracy": float(acc_mean if cfg.inference == "mean" else acc_stoch.mean()),
+      "inference": cfg.inference,
+      "test_accuracy_mean_path": float(acc_mean),
+      "test_accuracy_stochastic": float(acc_stoch.mean()),
+      "test_accuracy_stochastic_runs": [float(a) for a in acc_stoch],
+      "params_per_block": params_per_block,
+      "train_seconds": train_seconds,
+      "epochs": cfg.epochs, "steps": total, "n_train": n_train, "n_test": n_test,
+      "data_source": ds.source, "backend": jax.default_backend(),
+      "formulation": cfg.resolved_formulation(), "conv_impl": cfg.resolved_conv_impl(),
+      "config": cfg.to_dict(),
+  }
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
