@@ -173,12 +173,19 @@ def _numpy_reconstruct():
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
-  """Admits only what CIFAR's pickles hold: dicts, lists, bytes, numpy arrays."""
+  """Admits only what CIFAR's pickles hold: dicts, lists, bytes, numpy arrays.
+
+  (`_codecs.encode` is how Python 3 writes bytes at protocol 2; it only encodes
+  a string and runs no code.)
+  """
 
   def find_class(self, module, name):
+    import _codecs
+
     allowed = {("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
                ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-               ("numpy", "ndarray"): lambda: np.ndarray, ("numpy", "dtype"): lambda: np.dtype}
+               ("numpy", "ndarray"): lambda: np.ndarray, ("numpy", "dtype"): lambda: np.dtype,
+               ("_codecs", "encode"): lambda: _codecs.encode}
     if (module, name) not in allowed:
       raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR file holds "
                                    "only numpy arrays, lists and dicts")

@@ -116,7 +116,7 @@ def head_loss(cfg: Config, shared, y, key):
   sched = schedule(cfg)
   u = embedding_matrix(shared, cfg)[y]
   z_T = _noisy(u, sched.alpha_bar[-1], key)
-  logits = z_T @ shared["head"]["kernel"] + shared["head"]["bias"]
+  logits = z_T @ shared["head"]["kernel"] + shared["head"]["bias"][None, :]
   ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
   ab0 = sched.alpha_bar[0]
   kl = 0.5 * jnp.mean(jnp.sum(ab0 * u**2 + (1 - ab0) - 1 - jnp.log1p(-ab0), axis=-1))
@@ -274,7 +274,7 @@ def denoise_chain(cfg: Config, state: State, feats_TBF: jax.Array, z0_BD: jax.Ar
 
 
 def output_logits(state: State, z_BD: jax.Array) -> jax.Array:
-  return z_BD @ state["shared"]["head"]["kernel"] + state["shared"]["head"]["bias"]
+  return z_BD @ state["shared"]["head"]["kernel"] + state["shared"]["head"]["bias"][None, :]
 
 
 def predict(cfg: Config, state: State, x: jax.Array, key: jax.Array | None = None,

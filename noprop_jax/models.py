@@ -33,7 +33,7 @@ class Conv(nn.Module):
     else:
       y = jax.lax.conv_general_dilated(
           x_NHWC, w, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + b
+    return y + b[None, None, None, :]
 
 
 def _bn(train: bool) -> nn.BatchNorm:

@@ -1,0 +1,28 @@
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+import jax
+import pytest
+
+# Implicit rank promotion is a bug in our code. Strict *dtype* promotion is applied
+# per test (`strict_dtypes`) around our own math: optax's AdamW needs standard rules.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def strict_dtypes():
+  with jax.numpy_dtype_promotion("strict"):
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """Share compiled programs between tests that build the same step more than once."""
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+
+
+SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")

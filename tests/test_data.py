@@ -1,0 +1,202 @@
+"""Loaders on small files written here in the datasets' real formats."""
+
+import gzip
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+
+from noprop_jax import data
+from noprop_jax.data import DataError
+
+from conftest import SHARED_MNIST
+
+
+def _idx(arr: np.ndarray) -> bytes:
+  header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+  return header + arr.astype(np.uint8).tobytes()
+
+
+def _write_mnist(d, n_train=6, n_test=4, gz=True, seed=0):
+  rng = np.random.RandomState(seed)
+  arrays = {
+      "train-images-idx3-ubyte": rng.randint(0, 256, (n_train, 28, 28)),
+      "train-labels-idx1-ubyte": rng.randint(0, 10, (n_train,)),
+      "t10k-images-idx3-ubyte": rng.randint(0, 256, (n_test, 28, 28)),
+      "t10k-labels-idx1-ubyte": rng.randint(0, 10, (n_test,)),
+  }
+  for name, arr in arrays.items():
+    raw = _idx(arr)
+    if gz:
+      (d / f"{name}.gz").write_bytes(gzip.compress(raw))
+    else:
+      (d / name).write_bytes(raw)
+  return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_loader_reads_the_real_format(tmp_path, gz):
+  arrays = _write_mnist(tmp_path, gz=gz)
+  ds = data.load("fashion_mnist", tmp_path, verify=False)
+  assert ds.train.images.shape == (6, 28, 28, 1) and ds.train.images.dtype == np.uint8
+  np.testing.assert_array_equal(ds.train.images[..., 0], arrays["train-images-idx3-ubyte"])
+  np.testing.assert_array_equal(ds.test.labels, arrays["t10k-labels-idx1-ubyte"])
+  assert ds.test.labels.dtype == np.int32
+
+
+def test_idx_checksum_mismatch_is_refused(tmp_path):
+  _write_mnist(tmp_path)
+  with pytest.raises(DataError, match="checksum mismatch for mnist"):
+    data.load("mnist", tmp_path)
+
+
+def test_idx_corrupt_gzip(tmp_path):
+  _write_mnist(tmp_path)
+  (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00garbage" * 10)
+  with pytest.raises(DataError, match="corrupt or truncated gzip"):
+    data.load("mnist", tmp_path, verify=False)
+
+
+def test_idx_truncated_gzip_and_raw(tmp_path):
+  _write_mnist(tmp_path)
+  p = tmp_path / "train-images-idx3-ubyte.gz"
+  p.write_bytes(p.read_bytes()[:-40])
+  with pytest.raises(DataError, match="corrupt or truncated gzip"):
+    data.load("mnist", tmp_path, verify=False)
+  p.unlink()
+  raw = _idx(np.zeros((6, 28, 28)))
+  (tmp_path / "train-images-idx3-ubyte").write_bytes(raw[:-100])
+  with pytest.raises(DataError, match="truncated"):
+    data.load("mnist", tmp_path, verify=False)
+
+
+def test_idx_bad_magic(tmp_path):
+  _write_mnist(tmp_path, gz=False)
+  (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x0d\x01" + bytes(8))
+  with pytest.raises(DataError, match="bad magic"):
+    data.load("mnist", tmp_path, verify=False)
+
+
+def test_missing_files_say_what_to_put_where(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte\.gz.*Put .* in"):
+    data.load("mnist", tmp_path)
+  with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
+    data.load("cifar10", tmp_path)
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    data.load("mnist", tmp_path / "nope")
+
+
+def test_unknown_dataset():
+  with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+    data.load("svhn")
+
+
+def test_offline_without_data_dir_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="--data-dir"):
+    data.load("mnist", None, tfds_download=False, tfds_dir=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+def _cifar_batch(n, classes, label_key, seed):
+  rng = np.random.RandomState(seed)
+  return {b"batch_label": b"x", label_key: rng.randint(0, classes, n).tolist(),
+          b"data": rng.randint(0, 256, (n, 3072)).astype(np.uint8), b"filenames": [b"f"] * n}
+
+
+def _write_cifar10(root, as_tar=True, n=3):
+  batches = {f"data_batch_{i}": _cifar_batch(n, 10, b"labels", i) for i in range(1, 6)}
+  batches["test_batch"] = _cifar_batch(n, 10, b"labels", 9)
+  if as_tar:
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+      for name, obj in batches.items():
+        payload = pickle.dumps(obj, protocol=2)
+        info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+  else:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, obj in batches.items():
+      (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
+  return batches
+
+
+@pytest.mark.parametrize("as_tar", [True, False])
+def test_cifar10_archive_and_folder(tmp_path, as_tar):
+  batches = _write_cifar10(tmp_path, as_tar)
+  ds = data.load("cifar10", tmp_path, verify=False)
+  assert ds.train.images.shape == (15, 32, 32, 3) and ds.test.images.shape == (3, 32, 32, 3)
+  row = batches["data_batch_1"][b"data"][0]  # channel-major: R plane, G plane, B plane
+  assert ds.train.images[0, 0, 1, 0] == row[1] and ds.train.images[0, 0, 0, 2] == row[2048]
+  np.testing.assert_array_equal(ds.test.labels, batches["test_batch"][b"labels"])
+
+
+def test_cifar100_fine_labels(tmp_path):
+  folder = tmp_path / "cifar-100-python"
+  folder.mkdir()
+  for name, seed in (("train", 0), ("test", 1)):
+    obj = _cifar_batch(4, 100, b"fine_labels", seed)
+    obj[b"coarse_labels"] = [0] * 4
+    (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
+  ds = data.load("cifar100", tmp_path, verify=False)
+  assert ds.num_classes == 100 and ds.train.labels.max() < 100
+
+
+def test_cifar_checksum_and_corrupt_archive(tmp_path):
+  _write_cifar10(tmp_path)
+  with pytest.raises(DataError, match="checksum mismatch"):
+    data.load("cifar10", tmp_path)
+  p = tmp_path / "cifar-10-python.tar.gz"
+  p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+  with pytest.raises(DataError, match="corrupt or truncated"):
+    data.load("cifar10", tmp_path, verify=False)
+
+
+class _Evil:
+  def __reduce__(self):
+    return (os.system, ("touch /tmp/noprop_pwned",))
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+  batches = _write_cifar10(tmp_path, as_tar=False)
+  marker = "/tmp/noprop_pwned"
+  if os.path.exists(marker):
+    os.remove(marker)
+  evil = dict(batches["test_batch"], evil=_Evil())
+  (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(evil, protocol=2))
+  with pytest.raises(DataError, match="refusing to load"):
+    data.load("cifar10", tmp_path, verify=False)
+  assert not os.path.exists(marker)
+
+
+def test_cifar_truncated_pickle(tmp_path):
+  _write_cifar10(tmp_path, as_tar=False)
+  p = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+  p.write_bytes(p.read_bytes()[:500])
+  with pytest.raises(DataError, match="data_batch_3"):
+    data.load("cifar10", tmp_path, verify=False)
+
+
+# ----------------------------------------------------------------------------- digits and real MNIST
+
+def test_digits_split_is_fixed_and_stratified():
+  a, b = data.load("digits"), data.load("digits")
+  np.testing.assert_array_equal(a.test.labels, b.test.labels)
+  np.testing.assert_array_equal(a.train.images, b.train.images)
+  assert len(a.train.labels) + len(a.test.labels) == 1797
+  frac = np.bincount(a.test.labels, minlength=10) / (
+      np.bincount(a.test.labels, minlength=10) + np.bincount(a.train.labels, minlength=10))
+  assert np.all(np.abs(frac - 0.2) < 0.01)
+  assert a.train.images.shape[1:] == (8, 8, 1)
+  assert a.train.images.min() == 0.0 and a.train.images.max() == 1.0
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="../shared/data/mnist not present")
+def test_real_mnist_verifies():
+  ds = data.load("mnist", SHARED_MNIST)  # one .gz re-compressed: verified by content
+  assert ds.train.images.shape == (60000, 28, 28, 1) and ds.test.labels.shape == (10000,)
+  assert np.bincount(ds.test.labels).tolist()[:3] == [980, 1135, 1032]

@@ -1,0 +1,65 @@
+"""Exact parameter counts (paper Table 5) and the custom-gradient convolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from noprop_jax import dt
+from noprop_jax.config import Config
+from noprop_jax.conv import conv2d
+from noprop_jax.models import init_embedding
+
+
+def _params_per_block(**kw) -> int:
+  cfg = Config.create(**kw)
+  state = jax.eval_shape(lambda k: dt.init(cfg, k), jax.random.key(0))
+  return sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(state["blocks"]["params"]))
+
+
+@pytest.mark.parametrize("kw, expected", [
+    (dict(dataset="mnist"), 919_946),
+    (dict(dataset="fashion_mnist"), 919_946),
+    (dict(dataset="cifar10"), 1_215_434),
+    (dict(dataset="cifar100"), 1_250_084),
+    (dict(dataset="cifar100", embedding="learned", embedding_dim=20), 1_229_604),
+])
+def test_paper_parameter_counts(kw, expected):
+  assert _params_per_block(**kw) == expected
+
+
+def test_stacked_blocks_and_shared_shapes():
+  cfg = Config.create(dataset="mnist", embedding="learned", embedding_dim=20, T=4)
+  state = jax.eval_shape(lambda k: dt.init(cfg, k), jax.random.key(0))
+  for leaf in jax.tree.leaves(state["blocks"]) + jax.tree.leaves(state["opt_blocks"]):
+    assert leaf.shape[0] == 4
+  assert state["shared"]["embed"].shape == (10, 20)
+  assert state["shared"]["head"]["kernel"].shape == (20, 10)
+
+
+def test_learned_embedding_is_orthogonal():
+  W = init_embedding(jax.random.key(0), 10, 20)
+  np.testing.assert_allclose(W @ W.T, np.eye(10), atol=1e-5)
+  W = init_embedding(jax.random.key(0), 100, 20)  # d < m: orthonormal columns instead
+  np.testing.assert_allclose(W.T @ W, np.eye(20), atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+def test_patches_conv_has_the_stock_gradient(padding):
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (3, 9, 7, 5))
+  w = jax.random.normal(kw, (3, 3, 5, 4))
+  stock = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), padding,
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = stock(x, w)
+  g = jax.random.normal(kg, y.shape)
+  np.testing.assert_allclose(conv2d(x, w, padding), y, rtol=1e-5, atol=1e-5)
+  f = lambda conv: lambda x, w: jnp.sum(conv(x, w) * g)
+  want = jax.grad(f(stock), argnums=(0, 1))(x, w)
+  got = jax.grad(f(lambda x, w: conv2d(x, w, padding)), argnums=(0, 1))(x, w)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # and under vmap over stacked weights, as the blocks use it
+  ws = jnp.stack([w, 2 * w])
+  got = jax.vmap(jax.grad(f(lambda x, w: conv2d(x, w, padding)), argnums=1), (None, 0))(x, ws)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)

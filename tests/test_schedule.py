@@ -1,0 +1,74 @@
+"""The DT schedule and posterior coefficients against closed forms."""
+
+import numpy as np
+import pytest
+
+from noprop_jax.config import Config
+from noprop_jax.schedule import cosine_alpha_bar, dt_schedule
+
+
+@pytest.mark.parametrize("T", [1, 2, 10, 100])
+def test_alpha_bar_runs_from_noise_to_label(T):
+  ab = cosine_alpha_bar(T)
+  assert ab.shape == (T + 1,)
+  assert ab[0] == pytest.approx(1e-4) and ab[-1] == pytest.approx(0.9999)
+  assert np.all(np.diff(ab) > 0), "alpha_bar must increase with t (NoProp's direction)"
+  s = dt_schedule(T, eta=0.1)
+  dsnr = np.diff(np.asarray(s.snr, np.float64))
+  assert np.all(np.isfinite(s.snr)) and np.all(dsnr > 0)
+  np.testing.assert_allclose(s.weight, 0.5 * T * 0.1 * dsnr, rtol=1e-5)
+
+
+def test_paper_T10_last_block_input_is_nearly_clean():
+  ab = cosine_alpha_bar(10)
+  assert ab[9] == pytest.approx(0.972, abs=2e-3)  # DESIGN.md section 10: alpha_bar_in = 0.97
+
+
+@pytest.mark.parametrize("T", [1, 3, 10])
+def test_posterior_matches_bayes_rule(T):
+  """q(z_t | z_{t-1}, y) from the prior q(z_t | y) and the noising step
+  z_{t-1} = sqrt(alpha_{t-1}) z_t + sqrt(1 - alpha_{t-1}) eps, by Bayes' rule."""
+  ab = cosine_alpha_bar(T)
+  s = dt_schedule(T, eta=0.1)
+  for t in range(1, T + 1):
+    alpha = ab[t - 1] / ab[t]
+    prior_var, lik_var = 1 - ab[t], 1 - alpha
+    post_var = 1 / (1 / prior_var + alpha / lik_var)
+    a = post_var * np.sqrt(ab[t]) / prior_var  # coefficient of u_y
+    b = post_var * np.sqrt(alpha) / lik_var  # coefficient of z_{t-1}
+    np.testing.assert_allclose(s.c[t - 1], post_var, rtol=1e-5)
+    np.testing.assert_allclose(s.a[t - 1], a, rtol=1e-5)
+    np.testing.assert_allclose(s.b[t - 1], b, rtol=1e-5)
+    # Marginalising z_{t-1} ~ q(z_{t-1} | y) must give back q(z_t | y).
+    np.testing.assert_allclose(a + b * np.sqrt(ab[t - 1]), np.sqrt(ab[t]), rtol=1e-5)
+    np.testing.assert_allclose(b**2 * (1 - ab[t - 1]) + post_var, 1 - ab[t], rtol=1e-5)
+
+
+def test_schedule_rejects_collapsed_steps():
+  with pytest.raises(ValueError, match="increase strictly"):
+    dt_schedule(400, eta=0.1)  # near t = T neighbouring steps clip to the same alpha_bar
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(T=0), "T must be >= 1"),
+    (dict(lr=-1e-3), "learning rate must be > 0"),
+    (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
+    (dict(method="ddpm"), "unknown method 'ddpm'"),
+    (dict(method="ct"), "not implemented yet"),
+    (dict(embedding="onehot", embedding_dim=20), "must equal the number of classes"),
+    (dict(embedding="random"), "unknown embedding"),
+    (dict(alpha_bar_min=0.0), "SNR is finite"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(eta=0.0), "eta"),
+])
+def test_bad_config_is_a_clear_error(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    Config.create(**overrides)
+
+
+def test_paper_defaults_per_dataset():
+  assert Config.create(dataset="mnist").epochs == 100
+  c = Config.create(dataset="cifar100")
+  assert (c.epochs, c.num_classes, c.embedding_dim, c.lr, c.weight_decay, c.eta, c.T,
+          c.batch_size) == (150, 100, 100, 1e-3, 1e-3, 0.1, 10, 128)
+  assert Config.create(dataset="cifar10", embedding="learned").embedding_dim == 20
