@@ -228,6 +228,7 @@ def sequential_step(cfg: Config, state: State, x: jax.Array, y: jax.Array,
                      "block_accuracy": m["accuracy"], **mh}
 
 
+@partial(jax.jit, static_argnums=0)
 def loss(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
   """The total NoProp-DT objective (Eq. 8, summed over t) on one batch, in training mode."""
   x = _to_float(x)
@@ -277,6 +278,7 @@ def output_logits(state: State, z_BD: jax.Array) -> jax.Array:
   return z_BD @ state["shared"]["head"]["kernel"] + state["shared"]["head"]["bias"][None, :]
 
 
+@partial(jax.jit, static_argnames=("cfg", "mode"))
 def predict(cfg: Config, state: State, x: jax.Array, key: jax.Array | None = None,
             mode: str | None = None) -> jax.Array:
   """Class logits for images x [B, H, W, C].

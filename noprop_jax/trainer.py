@@ -138,7 +138,7 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
   ckpt_step = ckpt.latest_step()
   if ckpt_step is not None:
     state, meta = ckpt.restore(ckpt_step, state)
-    print_fn(f"resuming from checkpoint at step {ckpt_step} (epoch {ckpt_step // per_epoch}, "
+    print_fn(f"resuming from checkpoint at step {ckpt_step} (epoch {ckpt_step // per_epoch + 1}, "
              f"{ckpt_step % per_epoch}/{per_epoch} steps into it)")
   start = int(meta["step"])
   start_epoch = start // per_epoch

@@ -186,5 +186,5 @@ def test_loss_function_is_the_step_objective(parallel_step):
   cfg, step = parallel_step
   x, y = _batch()
   state = dt.init(cfg, jax.random.key(0))
-  value = jax.jit(lambda s: dt.loss(cfg, s, x, y, jax.random.key(0)))(state)
+  value = dt.loss(cfg, state, x, y, jax.random.key(0))
   assert value.shape == () and np.isfinite(float(value)) and float(value) > 0
