@@ -28,7 +28,7 @@ class DatasetInfo:
 
 DATASETS: dict[str, DatasetInfo] = {
     # 8x8 images are too small for the unpadded tower (8 -> 6 -> 3 -> 1 -> fails): pad it.
-    "digits": DatasetInfo((8, 8, 1), 10, "SAME", 15),
+    "digits": DatasetInfo((8, 8, 1), 10, "SAME", 12),
     "mnist": DatasetInfo((28, 28, 1), 10, "VALID", 100),
     "fashion_mnist": DatasetInfo((28, 28, 1), 10, "VALID", 100),
     "cifar10": DatasetInfo((32, 32, 3), 10, "VALID", 150),
@@ -45,7 +45,7 @@ class Config:
   embedding: str = "onehot"
   embedding_dim: int = 10  # == num_classes for one-hot
   T: int = 10
-  epochs: int = 15
+  epochs: int = 12
   batch_size: int = 128
   lr: float = 1e-3
   weight_decay: float = 1e-3

@@ -124,3 +124,34 @@ def test_cli_missing_data_files(capsys, tmp_path):
   assert rc == 1
   err = capsys.readouterr().err
   assert "train-images-idx3-ubyte.gz" in err and str(tmp_path) in err
+
+
+def test_one_compilation_per_config_and_no_host_transfers_per_step():
+  from noprop_jax import dt
+  from noprop_jax.trainer import make_epoch_step
+
+  cfg = Config.create(**TINY)
+  traces = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **kw: traces.append(event)
+      if event == "/jax/core/compile/jaxpr_trace_duration" else None)
+  step = make_epoch_step(cfg, len(DIGITS.train.labels))
+  x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)
+  state = dt.init(cfg, jax.random.key(0))
+  state, _ = step(state, x, y)
+  assert traces, "the listener must see the first trace"
+  traces.clear()
+  with jax.transfer_guard("disallow"):  # data and state already on the device
+    for _ in range(13):  # crosses an epoch boundary (11 steps per epoch)
+      state, m = step(state, x, y)
+  assert traces == [], f"retraced {len(traces)} times after the first step"
+  assert int(state["step"]) == 14 and np.isfinite(float(m["loss"]))
+
+
+def test_sequential_training_is_algorithm_1(tmp_path):
+  s = _run(tmp_path, cfg=dict(epochs=1, training="sequential"))
+  assert s["steps"] == 22  # T passes of 11 steps, pass t updates block t
+  state, _ = _params(tmp_path, dict(epochs=1, training="sequential"))
+  counts = np.asarray(state["opt_blocks"][1][0].count)  # per-block AdamW step counts
+  np.testing.assert_array_equal(counts, [11, 11])
+  assert int(state["opt_shared"][1][0].count) == 22  # the head trains every step
