@@ -277,6 +277,8 @@ def load(dataset: str, data_dir: str | os.PathLike | None = None, verify: bool =
   if dataset not in DATASETS:
     raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
   if dataset == "digits":
+    if data_dir is not None:
+      raise ValueError("digits is embedded (scikit-learn's bundled copy): drop --data-dir")
     return load_digits()
   if data_dir is not None:
     if not Path(data_dir).is_dir():

@@ -89,9 +89,11 @@ def test_missing_files_say_what_to_put_where(tmp_path):
     data.load("mnist", tmp_path / "nope")
 
 
-def test_unknown_dataset():
+def test_unknown_dataset_and_misplaced_data_dir(tmp_path):
   with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
     data.load("svhn")
+  with pytest.raises(ValueError, match="digits is embedded"):
+    data.load("digits", tmp_path)
 
 
 def test_offline_without_data_dir_is_a_clear_error(tmp_path):
