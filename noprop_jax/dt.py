@@ -92,10 +92,14 @@ def _noisy(u: jax.Array, alpha_bar: jax.Array, key: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- losses
 
 def block_loss(cfg: Config, block_params, block_stats, shared, x, y, i, key):
-  """Loss of block i (paper's t = i + 1): (T/2) eta (SNR(t)-SNR(t-1)) ||u_hat - u_y||^2.
+  """Block i's share (paper's t = i + 1) of Eq. 8's denoising term.
 
-  Returns (loss, (new_batch_stats, metrics)). Gradient flows to this block's
-  parameters and, when learned, to the embedding.
+  Eq. 8 has (T/2) eta E_t[(SNR(t) - SNR(t-1)) ||u_hat_t - u_y||^2], an
+  expectation over t ~ U{1..T}; averaging all T terms computes it exactly, so
+  block t contributes (1/T) (T/2) eta dSNR(t) ||u_hat_t - u_y||^2. (Summing
+  the T terms without the 1/T would weigh denoising T times too much against
+  the cross-entropy and KL terms.) Returns (loss, (new_batch_stats, metrics));
+  gradient flows to this block's parameters and, when learned, the embedding.
   """
   sched = schedule(cfg)
   W = embedding_matrix(shared, cfg)
@@ -108,7 +112,7 @@ def block_loss(cfg: Config, block_params, block_stats, shared, x, y, i, key):
   u_hat = jax.nn.softmax(logits) @ W
   mse = jnp.mean(jnp.sum((u_hat - u) ** 2, axis=-1))
   acc = jnp.mean(jnp.argmax(logits, -1) == y)
-  return sched.weight[i] * mse, (mutated["batch_stats"], {"mse": mse, "accuracy": acc})
+  return sched.weight[i] * mse / cfg.T, (mutated["batch_stats"], {"mse": mse, "accuracy": acc})
 
 
 def head_loss(cfg: Config, shared, y, key):
@@ -125,9 +129,15 @@ def head_loss(cfg: Config, shared, y, key):
 
 # ----------------------------------------------------------------------------- per-block gradients
 
-def _block_grad_fn(cfg, shared, x, y):
-  """(params_i, stats_i, i, key_i) -> (loss, new_stats, grad_params, grad_shared, metrics)."""
-  vg = jax.value_and_grad(partial(block_loss, cfg), argnums=(0, 2), has_aux=True)
+def _scaled_block_loss(cfg, scale, *args):
+  loss, aux = block_loss(cfg, *args)
+  return scale * loss, aux
+
+
+def _block_grad_fn(cfg, shared, x, y, scale: float = 1.0):
+  """(params_i, stats_i, i, key_i) -> (loss, new_stats, grad_params, grad_shared, metrics)
+  of `scale * block_loss`."""
+  vg = jax.value_and_grad(partial(_scaled_block_loss, cfg, scale), argnums=(0, 2), has_aux=True)
 
   def one(p, s, i, k):
     (loss, (new_s, m)), (gp, gs) = vg(p, s, shared, x, y, i, k)
@@ -203,14 +213,18 @@ def parallel_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tupl
 
 def sequential_step(cfg: Config, state: State, x: jax.Array, y: jax.Array,
                     block: jax.Array) -> tuple[State, Metrics]:
-  """Algorithm 1's step: update only block `block` (a traced index) and the head/embedding."""
+  """Algorithm 1's step: update only block `block` (a traced index) and the head/embedding.
+
+  Its objective is Eq. 8 with E_t estimated by the one t being trained:
+  CE + KL + (T/2) eta dSNR(t) ||u_hat_t - u_y||^2, i.e. T times the block's share.
+  """
   x = _to_float(x)
   key = _step_key(cfg, state["step"])
   k_block, k_head = jax.random.split(key)
   take = lambda tree: jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, block, keepdims=False), tree)
   put = lambda tree, new: jax.tree.map(
       lambda a, v: lax.dynamic_update_index_in_dim(a, v, block, 0), tree, new)
-  one = _block_grad_fn(cfg, state["shared"], x, y)
+  one = _block_grad_fn(cfg, state["shared"], x, y, scale=float(cfg.T))
   p, s, o = take(state["blocks"]["params"]), take(state["blocks"]["batch_stats"]), take(state["opt_blocks"])
   loss_b, new_s, g_p, g_shared, m = one(p, s, block, jax.random.fold_in(k_block, block))
   (loss_h, mh), g_head = jax.value_and_grad(partial(head_loss, cfg), has_aux=True)(
