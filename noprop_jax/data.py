@@ -7,6 +7,7 @@ scales to [0, 1] on the device. Nothing here runs code from a data file: CIFAR
 pickles go through an unpickler that admits only numpy arrays.
 """
 
+import codecs
 import dataclasses
 import gzip
 import hashlib
@@ -179,17 +180,16 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
   a string and runs no code.)
   """
 
-  def find_class(self, module, name):
-    import _codecs
+  _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+              ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
-    allowed = {("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-               ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-               ("numpy", "ndarray"): lambda: np.ndarray, ("numpy", "dtype"): lambda: np.dtype,
-               ("_codecs", "encode"): lambda: _codecs.encode}
-    if (module, name) not in allowed:
+  def find_class(self, module, name):
+    if (module, name) not in self._ALLOWED:
       raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR file holds "
                                    "only numpy arrays, lists and dicts")
-    return allowed[(module, name)]()
+    if name == "_reconstruct":
+      return _numpy_reconstruct()
+    return {"ndarray": np.ndarray, "dtype": np.dtype, "encode": codecs.encode}[name]
 
 
 def safe_unpickle(data: bytes, what: str) -> dict:

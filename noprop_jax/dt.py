@@ -188,6 +188,18 @@ def _step_key(cfg: Config, step: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 1), step)
 
 
+def _update_shared(cfg: Config, state: State, g_from_blocks, y: jax.Array, key: jax.Array):
+  """The head/embedding step: head loss (CE + KL) plus the blocks' gradients to `shared`.
+
+  Returns (head loss, head metrics, new shared params, new shared optimizer state).
+  """
+  (loss_h, mh), g_head = jax.value_and_grad(partial(head_loss, cfg), has_aux=True)(
+      state["shared"], y, key)
+  g_shared = jax.tree.map(jnp.add, g_from_blocks, g_head)
+  upd, opt_shared = optimizer(cfg).update(g_shared, state["opt_shared"], state["shared"])
+  return loss_h, mh, optax.apply_updates(state["shared"], upd), opt_shared
+
+
 def parallel_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tuple[State, Metrics]:
   """One optimizer step of all T blocks (and the head/embedding) on one batch."""
   x = _to_float(x)
@@ -195,17 +207,12 @@ def parallel_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tupl
   k_blocks, k_head = jax.random.split(key)
   loss_b, new_stats, g_blocks, g_shared, m = block_gradients(
       cfg, cfg.resolved_formulation(), state["blocks"], state["shared"], x, y, k_blocks)
-  (loss_h, mh), g_head = jax.value_and_grad(partial(head_loss, cfg), has_aux=True)(
-      state["shared"], y, k_head)
-  g_shared = jax.tree.map(jnp.add, g_shared, g_head)
-  opt = optimizer(cfg)
+  loss_h, mh, shared, opt_shared = _update_shared(cfg, state, g_shared, y, k_head)
   params = state["blocks"]["params"]
-  upd, opt_blocks = jax.vmap(opt.update)(g_blocks, state["opt_blocks"], params)
-  upd_s, opt_shared = opt.update(g_shared, state["opt_shared"], state["shared"])
+  upd, opt_blocks = jax.vmap(optimizer(cfg).update)(g_blocks, state["opt_blocks"], params)
   new_state = {"step": state["step"] + 1,
                "blocks": {"params": optax.apply_updates(params, upd), "batch_stats": new_stats},
-               "shared": optax.apply_updates(state["shared"], upd_s),
-               "opt_blocks": opt_blocks, "opt_shared": opt_shared}
+               "shared": shared, "opt_blocks": opt_blocks, "opt_shared": opt_shared}
   metrics = {"loss": loss_b.sum() + loss_h, "block_loss": loss_b, "block_mse": m["mse"],
              "block_accuracy": m["accuracy"], **mh}
   return new_state, metrics
@@ -227,17 +234,13 @@ def sequential_step(cfg: Config, state: State, x: jax.Array, y: jax.Array,
   one = _block_grad_fn(cfg, state["shared"], x, y, scale=float(cfg.T))
   p, s, o = take(state["blocks"]["params"]), take(state["blocks"]["batch_stats"]), take(state["opt_blocks"])
   loss_b, new_s, g_p, g_shared, m = one(p, s, block, jax.random.fold_in(k_block, block))
-  (loss_h, mh), g_head = jax.value_and_grad(partial(head_loss, cfg), has_aux=True)(
-      state["shared"], y, k_head)
-  g_shared = jax.tree.map(jnp.add, g_shared, g_head)
-  opt = optimizer(cfg)
-  upd, new_o = opt.update(g_p, o, p)
-  upd_s, opt_shared = opt.update(g_shared, state["opt_shared"], state["shared"])
+  loss_h, mh, shared, opt_shared = _update_shared(cfg, state, g_shared, y, k_head)
+  upd, new_o = optimizer(cfg).update(g_p, o, p)
   new_state = {"step": state["step"] + 1,
                "blocks": {"params": put(state["blocks"]["params"], optax.apply_updates(p, upd)),
                           "batch_stats": put(state["blocks"]["batch_stats"], new_s)},
-               "shared": optax.apply_updates(state["shared"], upd_s),
-               "opt_blocks": put(state["opt_blocks"], new_o), "opt_shared": opt_shared}
+               "shared": shared, "opt_blocks": put(state["opt_blocks"], new_o),
+               "opt_shared": opt_shared}
   return new_state, {"loss": loss_b + loss_h, "block_mse": m["mse"],
                      "block_accuracy": m["accuracy"], **mh}
 
