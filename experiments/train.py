@@ -2,6 +2,7 @@
 
   python experiments/train.py                      # NoProp-DT on the embedded digits
   python experiments/train.py --dataset mnist --data-dir ../shared/data/mnist --epochs 1 --workdir runs/mnist
+  python experiments/train.py --method fm --dataset mnist --data-dir ../shared/data/mnist --epochs 5 --workdir runs/fm
 
 Defaults follow the paper's Table 4 for the chosen dataset; every flag overrides.
 Rerunning with the same --workdir resumes from the last checkpoint.
@@ -13,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from noprop_jax.config import (CONV_IMPLS, DATASETS, EMBEDDINGS, FORMULATIONS, INFERENCE_MODES,
-                               LATER_METHODS, METHODS, TRAININGS, Config)
+from noprop_jax.config import (CONV_IMPLS, CT_SAMPLERS, DATASETS, EMBEDDINGS, FORMULATIONS,
+                               INFERENCE_MODES, LATER_METHODS, METHODS, TRAININGS, Config)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,13 +27,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   a("--no-verify", action="store_true", help="skip checksum verification of --data-dir files")
   a("--embedding", default=None, help="|".join(EMBEDDINGS) + " (default onehot)")
   a("--embedding-dim", type=int, default=None, help="learned embedding size (default 20)")
-  a("--T", type=int, default=None, help="number of blocks (default 10)")
-  a("--epochs", type=int, default=None, help="default: paper Table 4 for the dataset")
+  a("--T", type=int, default=None, help="DT: number of blocks (default 10)")
+  a("--epochs", type=int, default=None, help="default: paper Table 4 for the method and dataset")
   a("--batch-size", type=int, default=None, help="default 128")
-  a("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
-  a("--weight-decay", type=float, default=None, help="AdamW weight decay (default 1e-3)")
-  a("--eta", type=float, default=None, help="denoising loss weight (default 0.1)")
-  a("--grad-clip", type=float, default=None, help="per-block gradient-norm clip (default 1, 0: off)")
+  a("--lr", type=float, default=None, help="learning rate (default 1e-3; DT AdamW, CT/FM Adam)")
+  a("--weight-decay", type=float, default=None, help="weight decay (default 1e-3)")
+  a("--eta", type=float, default=None, help="denoising loss weight (default DT 0.1, CT 1)")
+  a("--grad-clip", type=float, default=None, help="gradient-norm clip per block (DT) or per "
+    "parameter group (CT/FM) (default 1, 0: off)")
   a("--dropout", type=float, default=None, help="dropout rate in the image pathway (default 0.2)")
   a("--seed", type=int, default=None, help="default 0")
   a("--training", default=None, help="parallel (all blocks every step) | sequential (Algorithm 1)")
@@ -42,6 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   a("--inference", default=None, help="|".join(INFERENCE_MODES) + ": mode of test_accuracy "
     "(default mean)")
   a("--inference-runs", type=int, default=None, help="stochastic runs to average (default 5)")
+  a("--inference-steps", type=int, default=None, help="CT/FM: Euler steps from t=0 to 1 (default 1000)")
+  a("--ct-sampler", default=None, help="CT: " + "|".join(CT_SAMPLERS) + " (probability-flow ODE, "
+    "default; or reverse SDE, Euler-Maruyama, for the stochastic runs)")
+  a("--fm-sigma", type=float, default=None, help="FM: noise std around the straight path (default 0)")
+  a("--gamma-0-init", type=float, default=None, help="CT: initial gamma at t=1, the label end (default -3.5)")
+  a("--gamma-1-init", type=float, default=None, help="CT: initial gamma at t=0, the noise end (default 3.5)")
   a("--workdir", default="runs/default", help="checkpoints, metrics.jsonl, summary.json")
   a("--checkpoint-every", type=int, default=200, help="also checkpoint every N steps mid-epoch")
   a("--no-progress", action="store_true", help="no progress bar")
@@ -52,7 +60,8 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   names = ("method", "dataset", "embedding", "embedding_dim", "T", "epochs", "batch_size", "lr",
            "weight_decay", "eta", "grad_clip", "dropout", "seed", "training", "formulation",
-           "conv_impl", "inference", "inference_runs")
+           "conv_impl", "inference", "inference_runs", "inference_steps", "ct_sampler", "fm_sigma",
+           "gamma_0_init", "gamma_1_init")
   try:
     cfg = Config.create(**{n: getattr(args, n) for n in names})
   except ValueError as e:

@@ -9,21 +9,28 @@ import orbax.checkpoint as ocp
 
 # Settings that change how a step executes, not what it computes (or, for
 # epochs, only how long training goes on): a workdir may be resumed with others.
-RESUMABLE_CHANGES = ("epochs", "formulation", "conv_impl", "inference_runs")
+RESUMABLE_CHANGES = ("epochs", "formulation", "conv_impl", "inference_runs", "inference_steps",
+                     "ct_sampler")
 
 
 class ConfigMismatchError(RuntimeError):
   pass
 
 
-def guard_config(workdir: Path, config: dict[str, Any]) -> None:
-  """Write workdir/config.json, or refuse if it holds a different run's config."""
+def guard_config(workdir: Path, config: dict[str, Any],
+                 defaults: dict[str, Any] | None = None) -> None:
+  """Write workdir/config.json, or refuse if it holds a different run's config.
+
+  A setting missing from the saved file (written before the setting existed)
+  counts as its value in `defaults`.
+  """
   path = workdir / "config.json"
   if path.exists():
     try:
       saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
       raise ConfigMismatchError(f"{path} is corrupt ({e}); use a fresh --workdir") from None
+    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
     diff = {k: (saved.get(k), v) for k, v in config.items()
             if saved.get(k) != v and k not in RESUMABLE_CHANGES}
     diff.update({k: (v, None) for k, v in saved.items() if k not in config})

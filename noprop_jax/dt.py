@@ -21,7 +21,7 @@ import optax
 from jax import lax
 
 from noprop_jax.config import Config
-from noprop_jax.models import DTBlock, init_embedding
+from noprop_jax.models import DTBlock, count_params, init_embedding
 from noprop_jax.schedule import DTSchedule, dt_schedule
 
 State = dict[str, Any]
@@ -74,13 +74,17 @@ def init(cfg: Config, key: jax.Array) -> State:
           "opt_blocks": jax.vmap(opt.init)(blocks["params"]), "opt_shared": opt.init(shared)}
 
 
+def params_per_block(state: State) -> int:
+  return count_params(jax.tree.map(lambda a: a[0], state["blocks"]["params"]))
+
+
 def check_images(x: jax.Array, cfg: Config) -> None:
   if x.ndim != 4 or tuple(x.shape[1:]) != cfg.image_shape:
     raise ValueError(f"images must have shape [batch, {', '.join(map(str, cfg.image_shape))}] "
                      f"for dataset {cfg.dataset!r}, got {tuple(x.shape)}")
 
 
-def _to_float(x: jax.Array) -> jax.Array:
+def to_float(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
 
 
@@ -202,7 +206,7 @@ def _update_shared(cfg: Config, state: State, g_from_blocks, y: jax.Array, key: 
 
 def parallel_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tuple[State, Metrics]:
   """One optimizer step of all T blocks (and the head/embedding) on one batch."""
-  x = _to_float(x)
+  x = to_float(x)
   key = _step_key(cfg, state["step"])
   k_blocks, k_head = jax.random.split(key)
   loss_b, new_stats, g_blocks, g_shared, m = block_gradients(
@@ -225,7 +229,7 @@ def sequential_step(cfg: Config, state: State, x: jax.Array, y: jax.Array,
   Its objective is Eq. 8 with E_t estimated by the one t being trained:
   CE + KL + (T/2) eta dSNR(t) ||u_hat_t - u_y||^2, i.e. T times the block's share.
   """
-  x = _to_float(x)
+  x = to_float(x)
   key = _step_key(cfg, state["step"])
   k_block, k_head = jax.random.split(key)
   take = lambda tree: jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, block, keepdims=False), tree)
@@ -248,7 +252,7 @@ def sequential_step(cfg: Config, state: State, x: jax.Array, y: jax.Array,
 @partial(jax.jit, static_argnums=0)
 def loss(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
   """The total NoProp-DT objective (Eq. 8, summed over t) on one batch, in training mode."""
-  x = _to_float(x)
+  x = to_float(x)
   k_blocks, k_head = jax.random.split(key)
   loss_b, *_ = block_gradients(cfg, "vmap", state["blocks"], state["shared"], x, y, k_blocks)
   return loss_b.sum() + head_loss(cfg, state["shared"], y, k_head)[0]
@@ -264,7 +268,7 @@ def make_train_step(cfg: Config) -> Callable[[State, jax.Array, jax.Array], tupl
 def image_features(cfg: Config, state: State, x: jax.Array) -> jax.Array:
   """Each block's image pathway on x: [T, B, 256]. Independent of z, so computed once."""
   model = make_model(cfg)
-  x = _to_float(x)
+  x = to_float(x)
   f = lambda p, s: model.apply({"params": p, "batch_stats": s}, x, train=False,
                                method=DTBlock.features)
   params, stats = state["blocks"]["params"], state["blocks"]["batch_stats"]
@@ -319,3 +323,25 @@ def predict(cfg: Config, state: State, x: jax.Array, key: jax.Array | None = Non
   else:
     raise ValueError(f"unknown inference mode {mode!r}; choose 'mean' or 'stochastic'")
   return output_logits(state, denoise_chain(cfg, state, feats, z0, eps))
+
+
+def eval_counts(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.Array,
+                runs: int) -> tuple[jax.Array, jax.Array]:
+  """(correct with the mean path, [runs] correct with sampling) on one batch.
+
+  Each block's image pathway runs once; the mean path and every sampled run
+  reuse it. Labels of -1 (padding) never count.
+  """
+  feats = image_features(cfg, state, x)
+  B = y.shape[0]
+  shape = (cfg.T, B, cfg.embedding_dim)
+  z_mean = denoise_chain(cfg, state, feats, jnp.zeros(shape[1:]), jnp.zeros(shape))
+  correct = lambda z: jnp.sum(jnp.argmax(output_logits(state, z), -1) == y)
+
+  def sample(k):
+    k0, k1 = jax.random.split(k)
+    return correct(denoise_chain(cfg, state, feats, jax.random.normal(k0, shape[1:]),
+                                 jax.random.normal(k1, shape)))
+
+  stoch = jax.vmap(sample)(jax.random.split(key, runs)) if runs else jnp.zeros((0,), jnp.int32)
+  return correct(z_mean), stoch

@@ -14,17 +14,21 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
-from noprop_jax import dt
+from noprop_jax import continuous, dt
 from noprop_jax.checkpoint import Checkpointer, guard_config
 from noprop_jax.config import Config
 from noprop_jax.data import Dataset, load
-from noprop_jax.models import count_params
 
 TRAIN_EVAL_SIZE = 10_000  # train_accuracy is measured on a fixed subset of this many
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+def method_module(cfg: Config):
+  """The module implementing cfg.method: `init`, `eval_counts`, `params_per_block`."""
+  return dt if cfg.method == "dt" else continuous
 
 
 def make_epoch_step(cfg: Config, n_train: int) -> Callable:
@@ -44,6 +48,8 @@ def make_epoch_step(cfg: Config, n_train: int) -> Callable:
     perm = jax.random.permutation(jax.random.fold_in(data_key, p), n_train)
     idx = lax.dynamic_slice_in_dim(perm, i * B, B)
     x, y = images[idx], labels[idx]
+    if cfg.method != "dt":
+      return continuous.train_step(cfg, state, x, y)
     if cfg.training == "sequential":
       return dt.sequential_step(cfg, state, x, y, p % cfg.T)
     return dt.parallel_step(cfg, state, x, y)
@@ -54,9 +60,8 @@ def make_epoch_step(cfg: Config, n_train: int) -> Callable:
 def make_evaluator(cfg: Config, n: int, runs: int, batch: int = 500) -> Callable:
   """Jitted `(state, images, labels, key) -> (mean-path accuracy, [runs] stochastic accuracies)`.
 
-  One call covers the whole split (lax.map over fixed-size batches). Each
-  block's image pathway runs once per image; the mean path and all stochastic
-  runs reuse it.
+  One call covers the whole split (lax.map over fixed-size batches of the
+  method's `eval_counts`, which computes the image pathway once per image).
   """
   batch = min(batch, n)
   nb = math.ceil(n / batch)
@@ -66,26 +71,32 @@ def make_evaluator(cfg: Config, n: int, runs: int, batch: int = 500) -> Callable
     xs = jnp.pad(images, [(0, pad)] + [(0, 0)] * 3).reshape(nb, batch, *images.shape[1:])
     ys = jnp.pad(labels, (0, pad), constant_values=-1).reshape(nb, batch)
 
-    def one(args):
-      x, y, k = args
-      feats = dt.image_features(cfg, state, x)
-      shape = (cfg.T, batch, cfg.embedding_dim)
-      z_mean = dt.denoise_chain(cfg, state, feats, jnp.zeros(shape[1:]), jnp.zeros(shape))
-      correct = lambda z: jnp.sum(jnp.argmax(dt.output_logits(state, z), -1) == y)
-
-      def sample(k):
-        k0, k1 = jax.random.split(k)
-        return correct(dt.denoise_chain(cfg, state, feats, jax.random.normal(k0, shape[1:]),
-                                        jax.random.normal(k1, shape)))
-
-      stoch = jax.vmap(sample)(jax.random.split(k, runs)) if runs else jnp.zeros((0,), jnp.int32)
-      return correct(z_mean), stoch
+    counts = method_module(cfg).eval_counts
+    one = lambda args: counts(cfg, state, *args, runs)
 
     keys = jax.random.split(key, nb)
     c_mean, c_stoch = lax.map(one, (xs, ys, keys))
     return c_mean.sum() / n, c_stoch.sum(0) / n
 
   return jax.jit(evaluate)
+
+
+def load_run(workdir: str | Path, step: int | None = None) -> tuple[Config, Any, int]:
+  """(config, state, step) of a training run's checkpoint (the latest by default)."""
+  workdir = Path(workdir)
+  path = workdir / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a training run's workdir")
+  cfg = Config.from_dict(json.loads(path.read_text()))
+  ckpt = Checkpointer(workdir)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    state, _ = ckpt.restore(step, method_module(cfg).init(cfg, jax.random.key(cfg.seed)))
+  finally:
+    ckpt.close()
+  return cfg, state, step
 
 
 def _host_metrics(tree) -> dict[str, Any]:
@@ -112,7 +123,7 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  guard_config(workdir, cfg.to_dict())
+  guard_config(workdir, cfg.to_dict(), Config().to_dict())
   ds = dataset if dataset is not None else load(cfg.dataset, data_dir, verify=verify)
   if ds.num_classes != cfg.num_classes:
     raise ValueError(f"dataset {ds.name!r} has {ds.num_classes} classes; config expects "
@@ -131,8 +142,9 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
   sub = np.random.RandomState(cfg.seed).permutation(n_train)[:TRAIN_EVAL_SIZE]
   sub_x, sub_y = jax.device_put(ds.train.images[sub]), jax.device_put(ds.train.labels[sub])
 
-  state = dt.init(cfg, jax.random.key(cfg.seed))
-  params_per_block = count_params(jax.tree.map(lambda a: a[0], state["blocks"]["params"]))
+  method = method_module(cfg)
+  state = method.init(cfg, jax.random.key(cfg.seed))
+  params_per_block = method.params_per_block(state)
   ckpt = Checkpointer(workdir)
   meta = {"step": 0, "train_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
   ckpt_step = ckpt.latest_step()
@@ -152,10 +164,14 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
   eval_train = make_evaluator(cfg, len(sub), 0)
   eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 3)
   train_seconds = float(meta["train_seconds"])
-  print_fn(f"NoProp-DT on {ds.name} ({n_train} train / {n_test} test, from {ds.source}); "
-           f"T={cfg.T}, {params_per_block:,} parameters per block, "
-           f"{cfg.training} training, formulation={cfg.resolved_formulation()}, "
-           f"backend={jax.default_backend()}")
+  if cfg.method == "dt":
+    how = (f"T={cfg.T}, {params_per_block:,} parameters per block, {cfg.training} training, "
+           f"formulation={cfg.resolved_formulation()}")
+  else:
+    how = (f"one time-conditioned block of {params_per_block:,} parameters, "
+           f"{cfg.inference_steps} Euler steps at inference")
+  print_fn(f"NoProp-{cfg.method.upper()} on {ds.name} ({n_train} train / {n_test} test, from "
+           f"{ds.source}); {how}, backend={jax.default_backend()}")
 
   try:
     for epoch in range(start_epoch, cfg.epochs):
@@ -173,7 +189,7 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
         if done % log_every == 0 or done % checkpoint_every == 0 or done == stop_at_step:
           loss = float(m["loss"])
           _check_finite(loss, done, ckpt.latest_step(), workdir)
-          bar.set_postfix(loss=f"{loss:.4g}", ce=f"{float(m['ce']):.3f}")
+          bar.set_postfix(loss=f"{loss:.4g}", acc=f"{float(jnp.mean(m['block_accuracy'])):.3f}")
         if done == stop_at_step:
           return None
         if done % checkpoint_every == 0 and done % per_epoch:
@@ -194,15 +210,17 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
                 "train_accuracy": float(tr_mean), "test_accuracy": test_acc,
                 "test_accuracy_mean_path": float(acc_mean),
                 "test_accuracy_stochastic": float(acc_stoch.mean()), "seconds": seconds,
-                "ce": last["ce"], "kl": last["kl"], "block_accuracy": last["block_accuracy"]}
+                **{k: v for k, v in last.items() if k != "loss"}}
       with metrics_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
       ckpt.save((epoch + 1) * per_epoch, state,
                 {"step": (epoch + 1) * per_epoch, "train_seconds": train_seconds,
                  "loss_sum": 0.0, "loss_count": 0})
+      sched = (f", gamma_0 {last['gamma_0']:.3f}, gamma_1 {last['gamma_1']:.3f}"
+               if "gamma_0" in last else "")
       print_fn(f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4g}, train acc "
                f"{tr_mean:.4f}, test acc {test_acc:.4f} (mean path {acc_mean:.4f}, "
-               f"stochastic {acc_stoch.mean():.4f}), {seconds:.1f}s")
+               f"stochastic {acc_stoch.mean():.4f}){sched}, {seconds:.1f}s")
   finally:
     ckpt.close()
 
@@ -219,6 +237,7 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
       "epochs": cfg.epochs, "steps": total, "n_train": n_train, "n_test": n_test,
       "data_source": ds.source, "backend": jax.default_backend(),
       "formulation": cfg.resolved_formulation(), "conv_impl": cfg.resolved_conv_impl(),
+      **({"inference_steps": cfg.inference_steps} if cfg.method != "dt" else {}),
       "config": cfg.to_dict(),
   }
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

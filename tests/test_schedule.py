@@ -54,7 +54,7 @@ def test_schedule_rejects_collapsed_steps():
     (dict(lr=-1e-3), "learning rate must be > 0"),
     (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
     (dict(method="ddpm"), "unknown method 'ddpm'"),
-    (dict(method="ct"), "not implemented yet"),
+    (dict(method="backprop"), "not implemented yet"),
     (dict(embedding="onehot", embedding_dim=20), "must equal the number of classes"),
     (dict(embedding="random"), "unknown embedding"),
     (dict(alpha_bar_min=0.0), "SNR is finite"),

@@ -1,0 +1,97 @@
+"""NoProp-CT/FM inference: time per image and accuracy at several solver step counts,
+with the image pathway hoisted out of the solver loop and naive (whole block per step).
+
+  python experiments/inference_benchmark.py --workdir runs/fm5 --data-dir ../shared/data/mnist
+  python experiments/inference_benchmark.py --method ct --dataset mnist   # untrained: timing only
+
+Hoisted and naive are timed side by side in one run on the same images (the
+machine is shared and noisy: compare the ratio). Accuracy is measured on the
+whole test split with hoisted inference (a test checks that naive inference
+gives the same predictions); the naive predictions on the timing images are
+compared with the hoisted ones as a check.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from noprop_jax import continuous
+from noprop_jax.config import Config
+
+
+def _timed(fn, *args) -> tuple[float, jax.Array]:
+  """(seconds of the second call, output): the first call compiles."""
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0, out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", help="a CT or FM training run (its latest checkpoint is used)")
+  p.add_argument("--method", default="fm", help="ct|fm, without --workdir")
+  p.add_argument("--dataset", default="mnist", help="without --workdir")
+  p.add_argument("--data-dir", default=None, help="dataset files, for accuracy (else TFDS)")
+  p.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000])
+  p.add_argument("--time-images", type=int, default=200, help="images in the timed batch")
+  p.add_argument("--json", action="store_true", help="also print one JSON line per row")
+  args = p.parse_args(argv)
+
+  from noprop_jax.data import load
+  from noprop_jax.trainer import load_run, make_evaluator
+
+  if args.workdir:
+    cfg, state, step = load_run(args.workdir)
+    if cfg.method not in ("ct", "fm"):
+      print(f"error: {args.workdir} holds a {cfg.method} run; this benchmark is for ct and fm",
+            file=sys.stderr)
+      return 2
+  else:
+    cfg = Config.create(method=args.method, dataset=args.dataset)
+    state, step = continuous.init(cfg, jax.random.key(0)), 0
+  ds = None
+  if args.workdir:
+    ds = load(cfg.dataset, args.data_dir)
+    images = ds.test.images
+  else:
+    images = np.random.RandomState(0).uniform(size=(args.time_images, *cfg.image_shape)).astype(np.float32)
+  x_time = jnp.asarray(images[:args.time_images])
+  n = x_time.shape[0]
+  print(f"NoProp-{cfg.method.upper()} on {cfg.dataset} ({'step ' + str(step) + ' of ' + args.workdir if args.workdir else 'untrained'}), "
+        f"backend {jax.default_backend()}, {n} timed images, mean path (z_0 = 0)")
+  print(f"{'steps':>6} {'hoisted ms/img':>15} {'naive ms/img':>13} {'speedup':>8} "
+        f"{'same preds':>10} {'test acc':>9} {'stoch acc':>9}")
+  for steps in args.steps:
+    c = dataclasses.replace(cfg, inference_steps=steps)
+    t_h, s_h = _timed(lambda x: continuous.predict(c, state, x), x_time)
+    t_n, s_n = _timed(lambda x: continuous.predict(c, state, x, hoisted=False), x_time)
+    same = float(jnp.mean(jnp.argmax(s_h, -1) == jnp.argmax(s_n, -1)))
+    acc = stoch = float("nan")
+    if ds is not None:
+      ev = make_evaluator(c, len(ds.test.labels), runs=1)
+      a_mean, a_stoch = jax.device_get(ev(state, jnp.asarray(ds.test.images),
+                                          jnp.asarray(ds.test.labels), jax.random.key(1)))
+      acc, stoch = float(a_mean), float(a_stoch[0])
+    row = {"method": cfg.method, "dataset": cfg.dataset, "steps": steps,
+           "hoisted_ms_per_image": 1e3 * t_h / n, "naive_ms_per_image": 1e3 * t_n / n,
+           "speedup": t_n / t_h, "same_predictions": same, "test_accuracy": acc,
+           "test_accuracy_stochastic": stoch, "backend": jax.default_backend()}
+    print(f"{steps:>6} {row['hoisted_ms_per_image']:>15.3f} {row['naive_ms_per_image']:>13.3f} "
+          f"{row['speedup']:>7.1f}x {same:>10.4f} {acc:>9.4f} {stoch:>9.4f}")
+    if args.json:
+      print(json.dumps(row))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
