@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   a("--inference", default=None, help="|".join(INFERENCE_MODES) + ": mode of test_accuracy "
     "(default mean)")
   a("--inference-runs", type=int, default=None, help="stochastic runs to average (default 5)")
+  a("--eval-every", type=int, default=None, help="epochs between test evaluations (default 1; "
+    "CT/FM on digits 5); the last epoch always evaluates")
   a("--inference-steps", type=int, default=None, help="CT/FM: Euler steps from t=0 to 1 (default 1000)")
   a("--ct-sampler", default=None, help="CT: " + "|".join(CT_SAMPLERS) + " (probability-flow ODE, "
     "default; or reverse SDE, Euler-Maruyama, for the stochastic runs)")
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   names = ("method", "dataset", "embedding", "embedding_dim", "T", "epochs", "batch_size", "lr",
            "weight_decay", "eta", "grad_clip", "dropout", "seed", "training", "formulation",
-           "conv_impl", "inference", "inference_runs", "inference_steps", "ct_sampler", "fm_sigma",
+           "conv_impl", "inference", "inference_runs", "eval_every", "inference_steps", "ct_sampler", "fm_sigma",
            "gamma_0_init", "gamma_1_init")
   try:
     cfg = Config.create(**{n: getattr(args, n) for n in names})

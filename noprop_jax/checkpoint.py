@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 # Settings that change how a step executes, not what it computes (or, for
 # epochs, only how long training goes on): a workdir may be resumed with others.
 RESUMABLE_CHANGES = ("epochs", "formulation", "conv_impl", "inference_runs", "inference_steps",
-                     "ct_sampler")
+                     "ct_sampler", "eval_every")
 
 
 class ConfigMismatchError(RuntimeError):

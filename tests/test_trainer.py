@@ -155,3 +155,11 @@ def test_sequential_training_is_algorithm_1(tmp_path):
   counts = np.asarray(state["opt_blocks"][1][0].count)  # per-block AdamW step counts
   np.testing.assert_array_equal(counts, [11, 11])
   assert int(state["opt_shared"][1][0].count) == 22  # the head trains every step
+
+
+def test_eval_every_skips_test_evaluation_but_not_the_last_epoch(tmp_path):
+  _run(tmp_path, cfg=dict(epochs=3, eval_every=2))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["epoch"] for l in lines] == [1, 2, 3]
+  assert ["test_accuracy" in l for l in lines] == [False, True, True]
+  assert all(np.isfinite(l["train_loss"]) for l in lines)
