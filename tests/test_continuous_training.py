@@ -16,6 +16,7 @@ from noprop_jax.config import Config
 from noprop_jax.trainer import load_run, make_epoch_step, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import inference_benchmark  # noqa: E402
 import train as train_cli  # noqa: E402
 
 DIGITS = data.load("digits")
@@ -96,6 +97,12 @@ def test_cli_trains_fm_and_refuses_dt_only_flags(tmp_path, capsys):
                          "--inference-runs", "1", "--workdir", str(w), "--no-progress"]) == 0
   assert "test accuracy" in capsys.readouterr().out
   assert json.loads((w / "summary.json").read_text())["config"]["method"] == "fm"
+  # The inference benchmark reads the run back and measures hoisted against naive.
+  assert inference_benchmark.main(["--workdir", str(w), "--steps", "3", "--time-images", "16",
+                                   "--json"]) == 0
+  row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert row["steps"] == 3 and row["same_predictions"] == 1.0
+  assert 0 <= row["test_accuracy"] <= 1 and row["hoisted_ms_per_image"] > 0
   # A resumable change (inference steps) is accepted; a changed method is refused.
   assert train_cli.main(["--method", "fm", "--epochs", "1", "--inference-steps", "7",
                          "--inference-runs", "1", "--workdir", str(w), "--no-progress"]) == 0
