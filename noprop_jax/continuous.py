@@ -215,21 +215,32 @@ def _block_out(cfg: Config, params, logits: jax.Array) -> jax.Array:
   return (jax.nn.softmax(logits) if cfg.method == "ct" else logits) @ W
 
 
-def vector_field(cfg: Config, state: State, hoisted: bool = True) -> Callable:
+IMPLS = ("hoisted", "naive", "per_step")
+
+
+def vector_field(cfg: Config, state: State, impl: str = "hoisted") -> Callable:
   """f(t, z, args) for the solvers; t is a scalar, z [N, d].
 
-  hoisted: args is `image_term` of the N images ([N, 256]) and each step runs
-  only the small fused head. Naive (hoisted=False): args are the images and each
-  step evaluates the whole block, conv tower included. CT returns the
-  probability-flow ODE's drift, FM the learned velocity.
+  impl 'hoisted': args is `image_term` of the N images ([N, 256]) and each step
+  runs only the small fused head. 'naive': args are the images and each step
+  calls the whole block, as a straightforward implementation would (under jit,
+  XLA may still hoist the loop-invariant conv tower out of the solver loop by
+  itself). 'per_step': the same, with the images passed through an
+  optimization barrier together with t, so the whole block really runs at
+  every step (what an eager framework does). CT returns the probability-flow
+  ODE's drift, FM the learned velocity.
   """
+  if impl not in IMPLS:
+    raise ValueError(f"unknown inference impl {impl!r}; choose one of {list(IMPLS)}")
   params, model = state["params"], make_model(cfg)
 
   def u_hat(t, z, args):
-    if hoisted:
+    if impl == "hoisted":
       logits = model.apply({"params": params["block"]}, args, z, t,
                            method=CTBlock.logits_from_image_term)
     else:
+      if impl == "per_step":
+        args, t = jax.lax.optimization_barrier((args, t))
       logits = model.apply({"params": params["block"]}, args, z, t, train=False)
     return _block_out(cfg, params, logits)
 
@@ -275,38 +286,39 @@ def class_scores(cfg: Config, state: State, z1: jax.Array) -> jax.Array:
 
 
 def integrate(cfg: Config, state: State, args: jax.Array, z0: jax.Array, steps: int,
-              key: jax.Array | None = None, hoisted: bool = True) -> jax.Array:
+              key: jax.Array | None = None, impl: str = "hoisted") -> jax.Array:
   """z_1 from z_0 over t in [0, 1] in `steps` Euler steps. With `key` and CT's
   'sde' sampler: Euler-Maruyama on the reverse SDE; otherwise Euler on the ODE."""
   if key is not None and cfg.method == "ct" and cfg.ct_sampler == "sde":
-    if not hoisted:
+    if impl != "hoisted":
       raise ValueError("the SDE sampler is implemented for hoisted inference only")
     drift, diffusion = reverse_sde(cfg, state)
     return solvers.euler_maruyama(drift, diffusion, z0, 0.0, 1.0, steps, key, args)
-  return solvers.euler(vector_field(cfg, state, hoisted), z0, 0.0, 1.0, steps, args)
+  return solvers.euler(vector_field(cfg, state, impl), z0, 0.0, 1.0, steps, args)
 
 
-@partial(jax.jit, static_argnames=("cfg", "mode", "steps", "hoisted"))
+@partial(jax.jit, static_argnames=("cfg", "mode", "steps", "impl"))
 def predict(cfg: Config, state: State, x: jax.Array, key: jax.Array | None = None,
-            mode: str | None = None, steps: int | None = None, hoisted: bool = True) -> jax.Array:
+            mode: str | None = None, steps: int | None = None, impl: str = "hoisted") -> jax.Array:
   """Class scores for images x [B, H, W, C] (argmax is the prediction).
 
   mode 'mean' (default): z_0 = E[z_0] = 0 and the deterministic solver;
   'stochastic': z_0 ~ N(0, I) (and the SDE's noise with CT's 'sde' sampler);
-  needs `key`. steps defaults to cfg.inference_steps. hoisted=False evaluates
-  the whole block at every step (for benchmarks and tests: same result, slower).
+  needs `key`. steps defaults to cfg.inference_steps. impl 'naive' or
+  'per_step' evaluate the whole block at every step (see `vector_field`; for
+  benchmarks and tests: same result, slower).
   """
   check_images(x, cfg)
   mode, steps = mode or cfg.inference, steps or cfg.inference_steps
   shape = (x.shape[0], cfg.embedding_dim)
-  args = image_term(cfg, state, x) if hoisted else to_float(x)
+  args = image_term(cfg, state, x) if impl == "hoisted" else to_float(x)
   if mode == "mean":
-    z1 = integrate(cfg, state, args, jnp.zeros(shape), steps, hoisted=hoisted)
+    z1 = integrate(cfg, state, args, jnp.zeros(shape), steps, impl=impl)
   elif mode == "stochastic":
     if key is None:
       raise ValueError("stochastic inference needs a PRNG key")
     k0, k1 = jax.random.split(key)
-    z1 = integrate(cfg, state, args, jax.random.normal(k0, shape), steps, k1, hoisted)
+    z1 = integrate(cfg, state, args, jax.random.normal(k0, shape), steps, k1, impl)
   else:
     raise ValueError(f"unknown inference mode {mode!r}; choose 'mean' or 'stochastic'")
   return class_scores(cfg, state, z1)

@@ -16,6 +16,19 @@ def strict_dtypes():
     yield
 
 
+_TRACES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **kw: _TRACES.append(event)
+    if event == "/jax/core/compile/jaxpr_trace_duration" else None)
+
+
+@pytest.fixture
+def traces() -> list[str]:
+  """Every jaxpr trace (one per compilation of a jitted function) during the test."""
+  _TRACES.clear()
+  yield _TRACES
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
   """Share compiled programs between tests that build the same step more than once."""

@@ -156,12 +156,13 @@ def test_hoisted_inference_equals_the_naive_per_step_block(method):
     state, _ = step(state, x, y)
   xt = jnp.asarray(DIGITS.test.images[:64])
   hoisted = C.predict(cfg, state, xt)
-  naive = C.predict(cfg, state, xt, hoisted=False)
-  np.testing.assert_allclose(hoisted, naive, rtol=1e-4, atol=1e-4)
-  np.testing.assert_array_equal(jnp.argmax(hoisted, -1), jnp.argmax(naive, -1))
+  for impl in ("naive", "per_step"):
+    naive = C.predict(cfg, state, xt, impl=impl)
+    np.testing.assert_allclose(hoisted, naive, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(jnp.argmax(hoisted, -1), jnp.argmax(naive, -1))
   k = jax.random.key(2)
   np.testing.assert_allclose(C.predict(cfg, state, xt, k, mode="stochastic"),
-                             C.predict(cfg, state, xt, k, mode="stochastic", hoisted=False),
+                             C.predict(cfg, state, xt, k, mode="stochastic", impl="naive"),
                              rtol=1e-4, atol=1e-4)
 
 
@@ -199,6 +200,8 @@ def test_predict_rejects_bad_input():
     C.predict(cfg, state, jnp.zeros((4, 8, 8, 1)), mode="stochastic")
   with pytest.raises(ValueError, match="unknown inference mode"):
     C.predict(cfg, state, jnp.zeros((4, 8, 8, 1)), mode="greedy")
+  with pytest.raises(ValueError, match="unknown inference impl"):
+    C.predict(cfg, state, jnp.zeros((4, 8, 8, 1)), impl="lazy")
 
 
 @pytest.mark.parametrize("overrides, match", [

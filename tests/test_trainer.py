@@ -126,15 +126,11 @@ def test_cli_missing_data_files(capsys, tmp_path):
   assert "train-images-idx3-ubyte.gz" in err and str(tmp_path) in err
 
 
-def test_one_compilation_per_config_and_no_host_transfers_per_step():
+def test_one_compilation_per_config_and_no_host_transfers_per_step(traces):
   from noprop_jax import dt
   from noprop_jax.trainer import make_epoch_step
 
   cfg = Config.create(**TINY)
-  traces = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, secs, **kw: traces.append(event)
-      if event == "/jax/core/compile/jaxpr_trace_duration" else None)
   step = make_epoch_step(cfg, len(DIGITS.train.labels))
   x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)
   state = dt.init(cfg, jax.random.key(0))
