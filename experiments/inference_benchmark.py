@@ -36,12 +36,19 @@ from noprop_jax.config import Config
 
 
 def _timed(cfg, state, x, impl: str) -> tuple[float, jax.Array]:
-  """(seconds, scores) of one call of `predict`, compiled ahead of time (not timed)."""
+  """(seconds, scores) of `predict`, compiled ahead of time (not timed): the fastest of
+  up to 5 calls, stopping once 2 s have been spent (noise on a shared machine only adds)."""
   compiled = continuous.predict.lower(cfg, state, x, impl=impl).compile()
   jax.block_until_ready(state)
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(compiled(state, x))
-  return time.perf_counter() - t0, out
+  best, spent = float("inf"), 0.0
+  for _ in range(5):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(state, x))
+    dt = time.perf_counter() - t0
+    best, spent = min(best, dt), spent + dt
+    if spent > 2.0:
+      break
+  return best, out
 
 
 def _fmt(a: float | None) -> str:
