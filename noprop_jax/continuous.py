@@ -337,8 +337,8 @@ def eval_counts(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.
   k0, k1 = jax.random.split(key)
   z0 = jnp.concatenate([jnp.zeros((1, B, d)), jax.random.normal(k0, (runs, B, d))])
   tile = lambda a, n: jnp.tile(a, (n, 1))
-  correct = lambda z1, n: jnp.sum((jnp.argmax(class_scores(cfg, state, z1), -1) == tile(y[:, None], n)[:, 0])
-                                  .reshape(n, B), axis=1)
+  correct = lambda z1, n: jnp.sum(
+      (jnp.argmax(class_scores(cfg, state, z1), -1) == jnp.tile(y, n)).reshape(n, B), axis=1)
   if cfg.method == "ct" and cfg.ct_sampler == "sde" and runs:
     z_mean = integrate(cfg, state, img, z0[0], cfg.inference_steps)
     z_s = integrate(cfg, state, tile(img, runs), z0[1:].reshape(runs * B, d), cfg.inference_steps, k1)

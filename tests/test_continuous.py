@@ -173,6 +173,9 @@ def test_eval_counts_agree_with_predict():
   mean, stoch = jax.jit(lambda s, k: C.eval_counts(cfg, s, x, y, k, 3))(state, jax.random.key(1))
   assert int(mean) == int(jnp.sum(jnp.argmax(C.predict(cfg, state, x), -1) == y))
   assert stoch.shape == (3,)
+  sde = Config.create(method="ct", inference_steps=10, ct_sampler="sde")  # sampled runs by SDE
+  mean_sde, stoch_sde = jax.jit(lambda s, k: C.eval_counts(sde, s, x, y, k, 2))(state, jax.random.key(1))
+  assert int(mean_sde) == int(mean) and stoch_sde.shape == (2,)
 
 
 def test_ct_sde_sampler_runs_and_differs_from_the_ode():
