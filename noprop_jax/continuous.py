@@ -99,10 +99,6 @@ def params_per_block(state: State) -> int:
   return count_params(state["params"]["block"])
 
 
-def _W(cfg: Config, params) -> jax.Array:
-  return embedding_matrix(params, cfg)
-
-
 def _head(params, z: jax.Array) -> jax.Array:
   return z @ params["head"]["kernel"] + params["head"]["bias"][None, :]
 
@@ -123,7 +119,7 @@ def ct_marginal_sample(u: jax.Array, s: ScheduleValues, key: jax.Array) -> jax.A
 def ct_loss(cfg: Config, params, x: jax.Array, y: jax.Array, key: jax.Array):
   """Eq. 9 on one batch, t ~ U[0, 1] per example. Returns (loss, metrics)."""
   k_t, k_eps, k_1, k_drop = jax.random.split(key, 4)
-  W = _W(cfg, params)
+  W = embedding_matrix(params, cfg)
   u = W[y]
   B = y.shape[0]
   t = jax.random.uniform(k_t, (B,))
@@ -153,7 +149,7 @@ def fm_path(u: jax.Array, z0: jax.Array, t: jax.Array, sigma: float, eps: jax.Ar
 def fm_loss(cfg: Config, params, x: jax.Array, y: jax.Array, key: jax.Array):
   """Eq. 11/13 on one batch, t ~ U[0, 1] per example. Returns (loss, metrics)."""
   k_t, k_0, k_eps, k_drop = jax.random.split(key, 4)
-  W = _W(cfg, params)
+  W = embedding_matrix(params, cfg)
   u = W[y]
   t = jax.random.uniform(k_t, (y.shape[0],))
   z0 = jax.random.normal(k_0, u.shape)
@@ -211,7 +207,7 @@ def image_term(cfg: Config, state: State, x: jax.Array) -> jax.Array:
 
 
 def _block_out(cfg: Config, params, logits: jax.Array) -> jax.Array:
-  W = _W(cfg, params)
+  W = embedding_matrix(params, cfg)
   return (jax.nn.softmax(logits) if cfg.method == "ct" else logits) @ W
 
 
@@ -282,7 +278,7 @@ def class_scores(cfg: Config, state: State, z1: jax.Array) -> jax.Array:
   params = state["params"]
   if cfg.method == "ct":
     return _head(params, z1)
-  return -_sq_dist(z1, _W(cfg, params))
+  return -_sq_dist(z1, embedding_matrix(params, cfg))
 
 
 def integrate(cfg: Config, state: State, args: jax.Array, z0: jax.Array, steps: int,
