@@ -3,6 +3,7 @@
   python experiments/train.py                      # NoProp-DT on the embedded digits
   python experiments/train.py --dataset mnist --data-dir ../shared/data/mnist --epochs 1 --workdir runs/mnist
   python experiments/train.py --method fm --dataset mnist --data-dir ../shared/data/mnist --epochs 5 --workdir runs/fm
+  python experiments/train.py --method backprop --dataset mnist --data-dir ../shared/data/mnist --epochs 1 --workdir runs/bp
 
 Defaults follow the paper's Table 4 for the chosen dataset; every flag overrides.
 Rerunning with the same --workdir resumes from the last checkpoint.
@@ -14,19 +15,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
-from noprop_jax.config import (CONV_IMPLS, CT_SAMPLERS, DATASETS, EMBEDDINGS, FORMULATIONS,
-                               INFERENCE_MODES, LATER_METHODS, METHODS, TRAININGS, Config)
+from noprop_jax.config import (CLASSIFIERS, CONV_IMPLS, CT_SAMPLERS, DATASETS, EMBEDDINGS,
+                               FORMULATIONS, INFERENCE_MODES, METHODS, TRAININGS, Config)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   a = p.add_argument
-  a("--method", default="dt", help=f"{'|'.join(METHODS)} ({', '.join(LATER_METHODS)}: not yet)")
+  a("--method", default="dt", help="|".join(METHODS) + " (NoProp-DT, -CT, -FM; the back-propagation "
+    "and adjoint baselines)")
   a("--dataset", default="digits", help="|".join(DATASETS))
   a("--data-dir", default=None, help="directory with the dataset's original files; else TFDS")
   a("--no-verify", action="store_true", help="skip checksum verification of --data-dir files")
-  a("--embedding", default=None, help="|".join(EMBEDDINGS) + " (default onehot)")
+  a("--embedding", default=None, help="|".join(EMBEDDINGS) + " (default onehot; prototype: "
+    "d = image size, initialised to each class's medoid training image)")
   a("--embedding-dim", type=int, default=None, help="learned embedding size (default 20)")
+  a("--classifier", default=None, help="DT: " + "|".join(CLASSIFIERS) + " p(y | z_T) (Eq. 14 or "
+    "15-16; default softmax)")
+  a("--radial-sigma", type=float, default=None, help="DT radial classifier's sigma (default 1)")
   a("--T", type=int, default=None, help="DT: number of blocks (default 10)")
   a("--epochs", type=int, default=None, help="default: paper Table 4 for the method and dataset")
   a("--batch-size", type=int, default=None, help="default 128")
@@ -46,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   a("--inference-runs", type=int, default=None, help="stochastic runs to average (default 5)")
   a("--eval-every", type=int, default=None, help="epochs between test evaluations (default 1; "
     "CT/FM on digits 5); the last epoch always evaluates")
-  a("--inference-steps", type=int, default=None, help="CT/FM: Euler steps from t=0 to 1 (default 1000)")
+  a("--inference-steps", type=int, default=None, help="CT/FM: Euler steps from t=0 to 1 at "
+    "inference; adjoint: also in training (default 1000)")
   a("--ct-sampler", default=None, help="CT: " + "|".join(CT_SAMPLERS) + " (probability-flow ODE, "
     "default; or reverse SDE, Euler-Maruyama, for the stochastic runs)")
   a("--fm-sigma", type=float, default=None, help="FM: noise std around the straight path (default 0)")
@@ -60,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  names = ("method", "dataset", "embedding", "embedding_dim", "T", "epochs", "batch_size", "lr",
+  names = ("method", "dataset", "embedding", "embedding_dim", "classifier", "radial_sigma", "T", "epochs", "batch_size", "lr",
            "weight_decay", "eta", "grad_clip", "dropout", "seed", "training", "formulation",
            "conv_impl", "inference", "inference_runs", "eval_every", "inference_steps", "ct_sampler", "fm_sigma",
            "gamma_0_init", "gamma_1_init")

@@ -9,9 +9,9 @@ from typing import Any
 
 import jax
 
-METHODS = ("dt", "ct", "fm")
-LATER_METHODS = ("backprop", "adjoint")  # announced flags, not implemented yet
-EMBEDDINGS = ("onehot", "learned")
+METHODS = ("dt", "ct", "fm", "backprop", "adjoint")
+EMBEDDINGS = ("onehot", "learned", "prototype")
+CLASSIFIERS = ("softmax", "radial")
 FORMULATIONS = ("auto", "vmap", "unroll", "scan")
 CONV_IMPLS = ("auto", "xla", "patches")
 TRAININGS = ("parallel", "sequential")
@@ -26,18 +26,30 @@ class DatasetInfo:
   padding: str  # the block's conv padding: the paper's "VALID", or "SAME" where images are too small
   epochs_dt: int  # paper Table 4 (digits: ours, not in the paper)
   epochs_ct: int  # NoProp-CT and -FM, paper Table 4
+  epochs_adjoint: int  # the adjoint baseline, paper Table 4
+
+  @property
+  def image_size(self) -> int:
+    """H * W * C: the dimension of prototype embeddings."""
+    h, w, c = self.image_shape
+    return h * w * c
 
   def default_epochs(self, method: str) -> int:
+    """DT and backprop share a row of Table 4; CT and FM another; the adjoint its own."""
+    if method == "adjoint":
+      return self.epochs_adjoint
     return self.epochs_ct if method in ("ct", "fm") else self.epochs_dt
 
 
 DATASETS: dict[str, DatasetInfo] = {
     # 8x8 images are too small for the unpadded tower (8 -> 6 -> 3 -> 1 -> fails): pad it.
-    "digits": DatasetInfo((8, 8, 1), 10, "SAME", 12, 40),
-    "mnist": DatasetInfo((28, 28, 1), 10, "VALID", 100, 100),
-    "fashion_mnist": DatasetInfo((28, 28, 1), 10, "VALID", 100, 100),
-    "cifar10": DatasetInfo((32, 32, 3), 10, "VALID", 150, 500),
-    "cifar100": DatasetInfo((32, 32, 3), 100, "VALID", 150, 1000),
+    "digits": DatasetInfo((8, 8, 1), 10, "SAME", 12, 40, 2),
+    "mnist": DatasetInfo((28, 28, 1), 10, "VALID", 100, 100, 2),
+    "fashion_mnist": DatasetInfo((28, 28, 1), 10, "VALID", 100, 100, 2),
+    "cifar10": DatasetInfo((32, 32, 3), 10, "VALID", 150, 500, 4),
+    "cifar100": DatasetInfo((32, 32, 3), 100, "VALID", 150, 1000, 4),
+    # Not in Table 4: CIFAR-100's budgets (the closest in size and difficulty).
+    "tiny_imagenet": DatasetInfo((64, 64, 3), 200, "VALID", 150, 1000, 4),
 }
 
 
@@ -45,14 +57,17 @@ DATASETS: dict[str, DatasetInfo] = {
 class Config:
   """A NoProp run. `Config.create` fills method- and dataset-dependent defaults and validates.
 
-  DT-only: T, training, formulation, alpha_bar_min/max. CT/FM-only:
-  inference_steps, fm_sigma, ct_sampler, gamma_0_init/gamma_1_init.
+  DT-only: training, formulation, classifier, alpha_bar_min/max (T: DT and
+  backprop). CT/FM: inference_steps (also the adjoint's solver steps in
+  training), fm_sigma, ct_sampler, gamma_0_init/gamma_1_init.
   """
 
   method: str = "dt"
   dataset: str = "digits"
   embedding: str = "onehot"
-  embedding_dim: int = 10  # == num_classes for one-hot
+  embedding_dim: int = 10  # == num_classes for one-hot, == H * W * C for prototype
+  classifier: str = "softmax"  # DT: p(y | z_T) by a linear softmax (Eq. 14) or "radial" (Eq. 15-16)
+  radial_sigma: float = 1.0  # the radial classifier's sigma
   T: int = 10
   epochs: int = 12
   batch_size: int = 128
@@ -105,15 +120,21 @@ class Config:
     overrides.setdefault("epochs", info.default_epochs(method))
     if method == "ct":
       overrides.setdefault("eta", 1.0)
+    if method == "adjoint":
+      overrides.setdefault("embedding", "onehot")  # the paper's adjoint row: W_embed fixed
     if method in ("ct", "fm") and dataset == "digits":
       # 1000-step inference on digits costs ~20x a training epoch there: evaluate every 10.
       overrides.setdefault("eval_every", 10)
-    if overrides.get("embedding", cls.embedding) == "onehot":
-      dim = overrides.get("embedding_dim", info.num_classes)
-      if dim != info.num_classes:
-        raise ValueError(f"embedding_dim={dim} with a one-hot embedding: it must equal the "
-                         f"number of classes ({info.num_classes}); use --embedding learned")
-      overrides["embedding_dim"] = info.num_classes
+    embedding = overrides.get("embedding", cls.embedding)
+    fixed = {"onehot": (info.num_classes, "the number of classes"),
+             "prototype": (info.image_size, "the image size H * W * C")}
+    if embedding in fixed:
+      want, what = fixed[embedding]
+      dim = overrides.get("embedding_dim", want)
+      if dim != want:
+        raise ValueError(f"embedding_dim={dim} with a {embedding} embedding: it must equal "
+                         f"{what} ({want}); use --embedding learned for another size")
+      overrides["embedding_dim"] = want
     else:
       overrides.setdefault("embedding_dim", 20)
     cfg = cls(**overrides)
@@ -134,15 +155,14 @@ class Config:
     def bad(msg):
       raise ValueError(msg)
 
-    if self.method in LATER_METHODS:
-      bad(f"method {self.method!r} is not implemented yet; available: {list(METHODS)}")
     if self.method not in METHODS:
       bad(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
     if self.dataset not in DATASETS:
       bad(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
     for name, allowed in (("embedding", EMBEDDINGS), ("formulation", FORMULATIONS),
                           ("conv_impl", CONV_IMPLS), ("training", TRAININGS),
-                          ("inference", INFERENCE_MODES), ("ct_sampler", CT_SAMPLERS)):
+                          ("inference", INFERENCE_MODES), ("ct_sampler", CT_SAMPLERS),
+                          ("classifier", CLASSIFIERS)):
       if getattr(self, name) not in allowed:
         bad(f"unknown {name} {getattr(self, name)!r}; choose one of {list(allowed)}")
     if self.T < 1:
@@ -168,9 +188,19 @@ class Config:
     if self.inference_runs < 1:
       bad(f"inference_runs must be >= 1, got {self.inference_runs}")
     if self.method != "dt" and self.training != "parallel":
-      bad(f"--training {self.training} is NoProp-DT's (Algorithm 1); {self.method} has one block")
+      bad(f"--training {self.training} is NoProp-DT's (Algorithm 1), not {self.method}'s")
+    if self.method != "dt" and self.classifier != "softmax":
+      bad(f"--classifier {self.classifier} is a NoProp-DT option (Eq. 15-16), not {self.method}'s")
+    if self.method == "adjoint" and self.embedding != "onehot":
+      bad("the adjoint baseline uses a fixed one-hot embedding (as in the paper); "
+          f"got --embedding {self.embedding}")
+    if self.embedding == "prototype" and self.embedding_dim != self.info.image_size:
+      bad(f"a prototype embedding has the image size {self.info.image_size} as its dimension, "
+          f"got embedding_dim={self.embedding_dim}")
     if self.inference_steps < 1:
       bad(f"inference_steps must be >= 1, got {self.inference_steps}")
+    if not self.radial_sigma > 0:
+      bad(f"radial_sigma must be > 0, got {self.radial_sigma}")
     if self.fm_sigma < 0:
       bad(f"fm_sigma must be >= 0, got {self.fm_sigma}")
     if not self.gamma_1_init > self.gamma_0_init:
@@ -183,8 +213,10 @@ class Config:
   def resolved_formulation(self) -> str:
     """'auto' -> 'vmap' on GPU/TPU; on XLA:CPU, where conv weight gradients under
     vmap or in loops are slow, the blocks unrolled in one jit (measured fastest)."""
-    if self.method != "dt":
+    if self.method in ("ct", "fm", "adjoint"):
       return "single"  # one time-conditioned block
+    if self.method == "backprop":
+      return "chain"  # the blocks run one after another, as a forward pass must
     if self.formulation != "auto":
       return self.formulation
     return "unroll" if jax.default_backend() == "cpu" else "vmap"

@@ -30,8 +30,8 @@ import optax
 
 from noprop_jax import solvers
 from noprop_jax.config import Config
-from noprop_jax.dt import check_images, embedding_matrix, to_float
-from noprop_jax.models import CTBlock, count_params, init_embedding
+from noprop_jax.dt import check_images, embedding_matrix, initial_embedding, to_float
+from noprop_jax.models import CTBlock, count_params
 from noprop_jax.schedule import LearnedSchedule, ScheduleValues, schedule_values
 
 State = dict[str, Any]
@@ -39,7 +39,9 @@ Metrics = dict[str, jax.Array]
 
 
 def make_model(cfg: Config) -> CTBlock:
-  return CTBlock(cfg.num_classes, cfg.info.padding, cfg.dropout, cfg.resolved_conv_impl())
+  proto = cfg.image_shape if cfg.embedding == "prototype" else None
+  return CTBlock(cfg.num_classes, cfg.info.padding, cfg.dropout, cfg.resolved_conv_impl(),
+                 prototype_shape=proto)
 
 
 def make_schedule(cfg: Config) -> LearnedSchedule:
@@ -78,7 +80,11 @@ def optimizer(cfg: Config) -> optax.GradientTransformation:
   return optax.chain(*parts, optax.scale_by_adam(), optax.scale(-cfg.lr))
 
 
-def init(cfg: Config, key: jax.Array) -> State:
+def init(cfg: Config, key: jax.Array, embed: jax.Array | None = None) -> State:
+  """Block, head (where there is one), embedding, schedule (CT) and optimizer state.
+
+  `embed`: the initial prototype embedding [m, H*W*C] (embedding 'prototype' only).
+  """
   k_block, k_embed, k_sched = jax.random.split(key, 3)
   x = jnp.zeros((1, *cfg.image_shape), jnp.float32)
   z = jnp.zeros((1, cfg.embedding_dim), jnp.float32)
@@ -87,8 +93,9 @@ def init(cfg: Config, key: jax.Array) -> State:
   d, m = cfg.embedding_dim, cfg.num_classes
   if has_head(cfg):  # zero init, as for DT: softmax regression from zero is quick to fit
     params["head"] = {"kernel": jnp.zeros((d, m), jnp.float32), "bias": jnp.zeros((m,), jnp.float32)}
-  if cfg.embedding == "learned":
-    params["embed"] = init_embedding(k_embed, m, d)
+  W = initial_embedding(cfg, k_embed, embed)
+  if W is not None:
+    params["embed"] = W
   if cfg.method == "ct":
     params["schedule"] = make_schedule(cfg).init(k_sched, jnp.zeros((1,)))["params"]
   return {"step": jnp.zeros((), jnp.int32), "params": params,

@@ -29,7 +29,9 @@ Metrics = dict[str, jax.Array]
 
 
 def make_model(cfg: Config) -> DTBlock:
-  return DTBlock(cfg.num_classes, cfg.info.padding, cfg.dropout, cfg.resolved_conv_impl())
+  proto = cfg.image_shape if cfg.embedding == "prototype" else None
+  return DTBlock(cfg.num_classes, cfg.info.padding, cfg.dropout, cfg.resolved_conv_impl(),
+                 prototype_shape=proto)
 
 
 def schedule(cfg: Config) -> DTSchedule:
@@ -53,8 +55,27 @@ def embedding_matrix(shared: dict, cfg: Config) -> jax.Array:
   return shared["embed"]
 
 
-def init(cfg: Config, key: jax.Array) -> State:
-  """All T blocks initialised independently (vmap of init), head, embedding, optimizers."""
+def initial_embedding(cfg: Config, key: jax.Array, embed: jax.Array | None) -> jax.Array | None:
+  """The learned W_embed's initial value: None for one-hot (fixed identity), an orthogonal
+  matrix for 'learned', and `embed` (from `prototypes.prototype_embedding`) for 'prototype'."""
+  m, d = cfg.num_classes, cfg.embedding_dim
+  if cfg.embedding == "onehot":
+    return None
+  if cfg.embedding == "learned":
+    return init_embedding(key, m, d)
+  if embed is None:
+    raise ValueError("a prototype embedding is initialised from the training images: pass "
+                     "embed=prototypes.prototype_embedding(images, labels, num_classes)")
+  if tuple(embed.shape) != (m, d):
+    raise ValueError(f"prototype embedding must have shape ({m}, {d}), got {tuple(embed.shape)}")
+  return jnp.asarray(embed, jnp.float32)
+
+
+def init(cfg: Config, key: jax.Array, embed: jax.Array | None = None) -> State:
+  """All T blocks initialised independently (vmap of init), head, embedding, optimizers.
+
+  `embed`: the initial prototype embedding [m, H*W*C] (embedding 'prototype' only).
+  """
   k_blocks, k_head, k_embed = jax.random.split(key, 3)
   model = make_model(cfg)
   x = jnp.zeros((1, *cfg.image_shape), jnp.float32)
@@ -67,15 +88,18 @@ def init(cfg: Config, key: jax.Array) -> State:
   # already makes it diagonal-dominant; a random init needs thousands of steps to undo.
   shared = {"head": {"kernel": jnp.zeros((d, m), jnp.float32),
                      "bias": jnp.zeros((m,), jnp.float32)}}
-  if cfg.embedding == "learned":
-    shared["embed"] = init_embedding(k_embed, m, d)
+  W = initial_embedding(cfg, k_embed, embed)
+  if W is not None:
+    shared["embed"] = W
   opt = optimizer(cfg)
   return {"step": jnp.zeros((), jnp.int32), "blocks": blocks, "shared": shared,
           "opt_blocks": jax.vmap(opt.init)(blocks["params"]), "opt_shared": opt.init(shared)}
 
 
 def params_per_block(state: State) -> int:
-  return count_params(jax.tree.map(lambda a: a[0], state["blocks"]["params"]))
+  """Parameters of one block (works on `jax.eval_shape` output too)."""
+  params = state["blocks"]["params"]
+  return count_params(params) // jax.tree.leaves(params)[0].shape[0]
 
 
 def check_images(x: jax.Array, cfg: Config) -> None:
@@ -119,12 +143,28 @@ def block_loss(cfg: Config, block_params, block_stats, shared, x, y, i, key):
   return sched.weight[i] * mse / cfg.T, (mutated["batch_stats"], {"mse": mse, "accuracy": acc})
 
 
+def class_logits(cfg: Config, shared, z_BD: jax.Array) -> jax.Array:
+  """log p(y | z_T) up to a constant, for every class: [B, m].
+
+  'softmax' (Eq. 14): f(z_T) = W_out z_T + b_out. 'radial' (Eq. 15-16):
+  y_tilde = softmax(f(z_T)) @ W_embed and
+  p(y | z_T) proportional to exp(-||y_tilde - u_y||^2 / (2 sigma^2)).
+  """
+  f = z_BD @ shared["head"]["kernel"] + shared["head"]["bias"][None, :]
+  if cfg.classifier == "softmax":
+    return f
+  W = embedding_matrix(shared, cfg)
+  y_tilde = jax.nn.softmax(f) @ W
+  sq = jnp.sum((y_tilde[:, None, :] - W[None, :, :]) ** 2, axis=-1)
+  return -sq / (2.0 * cfg.radial_sigma**2)
+
+
 def head_loss(cfg: Config, shared, y, key):
   """-log p(y | z_T), z_T ~ q(z_T | y), plus KL(q(z_0 | y) || N(0, I)) in closed form."""
   sched = schedule(cfg)
   u = embedding_matrix(shared, cfg)[y]
   z_T = _noisy(u, sched.alpha_bar[-1], key)
-  logits = z_T @ shared["head"]["kernel"] + shared["head"]["bias"][None, :]
+  logits = class_logits(cfg, shared, z_T)
   ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
   ab0 = sched.alpha_bar[0]
   kl = 0.5 * jnp.mean(jnp.sum(ab0 * u**2 + (1 - ab0) - 1 - jnp.log1p(-ab0), axis=-1))
@@ -295,8 +335,8 @@ def denoise_chain(cfg: Config, state: State, feats_TBF: jax.Array, z0_BD: jax.Ar
   return lax.scan(step, z0_BD, xs)[0]
 
 
-def output_logits(state: State, z_BD: jax.Array) -> jax.Array:
-  return z_BD @ state["shared"]["head"]["kernel"] + state["shared"]["head"]["bias"][None, :]
+def output_logits(cfg: Config, state: State, z_BD: jax.Array) -> jax.Array:
+  return class_logits(cfg, state["shared"], z_BD)
 
 
 @partial(jax.jit, static_argnames=("cfg", "mode"))
@@ -322,7 +362,7 @@ def predict(cfg: Config, state: State, x: jax.Array, key: jax.Array | None = Non
     z0, eps = jax.random.normal(k0, shape), jax.random.normal(k1, (cfg.T, *shape))
   else:
     raise ValueError(f"unknown inference mode {mode!r}; choose 'mean' or 'stochastic'")
-  return output_logits(state, denoise_chain(cfg, state, feats, z0, eps))
+  return output_logits(cfg, state, denoise_chain(cfg, state, feats, z0, eps))
 
 
 def eval_counts(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.Array,
@@ -336,7 +376,7 @@ def eval_counts(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.
   B = y.shape[0]
   shape = (cfg.T, B, cfg.embedding_dim)
   z_mean = denoise_chain(cfg, state, feats, jnp.zeros(shape[1:]), jnp.zeros(shape))
-  correct = lambda z: jnp.sum(jnp.argmax(output_logits(state, z), -1) == y)
+  correct = lambda z: jnp.sum(jnp.argmax(output_logits(cfg, state, z), -1) == y)
 
   def sample(k):
     k0, k1 = jax.random.split(k)

@@ -14,10 +14,11 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
-from noprop_jax import continuous, dt
+from noprop_jax import adjoint, backprop, continuous, dt
 from noprop_jax.checkpoint import Checkpointer, guard_config
 from noprop_jax.config import Config
 from noprop_jax.data import Dataset, load
+from noprop_jax.prototypes import prototype_embedding
 
 TRAIN_EVAL_SIZE = 10_000  # train_accuracy is measured on a fixed subset of this many
 
@@ -26,9 +27,36 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+_MODULES = {"dt": dt, "ct": continuous, "fm": continuous, "backprop": backprop, "adjoint": adjoint}
+
+
 def method_module(cfg: Config):
-  """The module implementing cfg.method: `init`, `eval_counts`, `params_per_block`."""
-  return dt if cfg.method == "dt" else continuous
+  """The module implementing cfg.method: `init`, `train_step`, `predict`, `eval_counts`,
+  `params_per_block`."""
+  return _MODULES[cfg.method]
+
+
+def init_state(cfg: Config, key: jax.Array, train_images=None, train_labels=None):
+  """The method's initial state; prototype embeddings are computed from the training split
+  (without it, they are zeros: a template for restoring a checkpoint)."""
+  embed = None
+  if cfg.embedding == "prototype":
+    if train_images is None:
+      embed = jnp.zeros((cfg.num_classes, cfg.embedding_dim), jnp.float32)
+    else:
+      embed = prototype_embedding(train_images, train_labels, cfg.num_classes)
+  return method_module(cfg).init(cfg, key, embed=embed)
+
+
+def class_embeddings(cfg: Config, state) -> jax.Array:
+  """W_embed [m, d] of a state of any method (the identity for one-hot)."""
+  return dt.embedding_matrix(state["shared"] if cfg.method == "dt" else state["params"], cfg)
+
+
+def predict(cfg: Config, state, x: jax.Array, key: jax.Array | None = None,
+            mode: str | None = None) -> jax.Array:
+  """Class scores [B, m] for images x of any method (argmax is the prediction)."""
+  return method_module(cfg).predict(cfg, state, x, key=key, mode=mode)
 
 
 def make_epoch_step(cfg: Config, n_train: int) -> Callable:
@@ -48,11 +76,11 @@ def make_epoch_step(cfg: Config, n_train: int) -> Callable:
     perm = jax.random.permutation(jax.random.fold_in(data_key, p), n_train)
     idx = lax.dynamic_slice_in_dim(perm, i * B, B)
     x, y = images[idx], labels[idx]
-    if cfg.method != "dt":
-      return continuous.train_step(cfg, state, x, y)
-    if cfg.training == "sequential":
-      return dt.sequential_step(cfg, state, x, y, p % cfg.T)
-    return dt.parallel_step(cfg, state, x, y)
+    if cfg.method == "dt":
+      if cfg.training == "sequential":
+        return dt.sequential_step(cfg, state, x, y, p % cfg.T)
+      return dt.parallel_step(cfg, state, x, y)
+    return method_module(cfg).train_step(cfg, state, x, y)
 
   return jax.jit(step, donate_argnums=0)
 
@@ -93,7 +121,7 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[Config, Any,
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    state, _ = ckpt.restore(step, method_module(cfg).init(cfg, jax.random.key(cfg.seed)))
+    state, _ = ckpt.restore(step, init_state(cfg, jax.random.key(cfg.seed)))
   finally:
     ckpt.close()
   return cfg, state, step
@@ -143,11 +171,13 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
   sub_x, sub_y = jax.device_put(ds.train.images[sub]), jax.device_put(ds.train.labels[sub])
 
   method = method_module(cfg)
-  state = method.init(cfg, jax.random.key(cfg.seed))
-  params_per_block = method.params_per_block(state)
   ckpt = Checkpointer(workdir)
   meta = {"step": 0, "train_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
   ckpt_step = ckpt.latest_step()
+  # A resumed run restores its embedding: prototypes are only computed for a fresh one.
+  state = init_state(cfg, jax.random.key(cfg.seed),
+                     *((ds.train.images, ds.train.labels) if ckpt_step is None else ()))
+  params_per_block = method.params_per_block(state)
   if ckpt_step is not None:
     state, meta = ckpt.restore(ckpt_step, state)
     print_fn(f"resuming from checkpoint at step {ckpt_step} (epoch {ckpt_step // per_epoch + 1}, "
@@ -167,10 +197,15 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
   if cfg.method == "dt":
     how = (f"T={cfg.T}, {params_per_block:,} parameters per block, {cfg.training} training, "
            f"formulation={cfg.resolved_formulation()}")
+  elif cfg.method == "backprop":
+    how = f"T={cfg.T} chained blocks of {params_per_block:,} parameters, trained end to end"
   else:
     how = (f"one time-conditioned block of {params_per_block:,} parameters, "
-           f"{cfg.inference_steps} Euler steps at inference")
-  print_fn(f"NoProp-{cfg.method.upper()} on {ds.name} ({n_train} train / {n_test} test, from "
+           f"{cfg.inference_steps} Euler steps at inference"
+           + (" and in training (adjoint method)" if cfg.method == "adjoint" else ""))
+  name = {"backprop": "Backprop baseline", "adjoint": "Adjoint baseline"}.get(
+      cfg.method, f"NoProp-{cfg.method.upper()}")
+  print_fn(f"{name} on {ds.name} ({n_train} train / {n_test} test, from "
            f"{ds.source}); {how}, backend={jax.default_backend()}")
 
   try:

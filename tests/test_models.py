@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noprop_jax import dt
+from noprop_jax import dt, trainer
 from noprop_jax.config import Config
 from noprop_jax.conv import conv2d
 from noprop_jax.models import init_embedding
@@ -13,8 +13,8 @@ from noprop_jax.models import init_embedding
 
 def _params_per_block(**kw) -> int:
   cfg = Config.create(**kw)
-  state = jax.eval_shape(lambda k: dt.init(cfg, k), jax.random.key(0))
-  return sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(state["blocks"]["params"]))
+  state = jax.eval_shape(lambda k: trainer.init_state(cfg, k), jax.random.key(0))
+  return trainer.method_module(cfg).params_per_block(state)
 
 
 @pytest.mark.parametrize("kw, expected", [
@@ -23,6 +23,17 @@ def _params_per_block(**kw) -> int:
     (dict(dataset="cifar10"), 1_215_434),
     (dict(dataset="cifar100"), 1_250_084),
     (dict(dataset="cifar100", embedding="learned", embedding_dim=20), 1_229_604),
+    # Prototype embeddings: the noisy label goes through its own image pathway.
+    (dict(dataset="mnist", embedding="prototype"), 1_401_738),
+    (dict(dataset="cifar10", embedding="prototype"), 1_992_714),
+    (dict(dataset="cifar100", embedding="prototype"), 2_004_324),
+    (dict(dataset="mnist", method="ct", embedding="prototype"), 1_482_122),
+    (dict(dataset="mnist", method="fm", embedding="prototype"), 1_482_122),
+    (dict(dataset="mnist", method="ct"), 867_722),
+    # The baselines use the same blocks.
+    (dict(dataset="mnist", method="backprop"), 919_946),
+    (dict(dataset="mnist", method="backprop", embedding="prototype"), 1_401_738),
+    (dict(dataset="mnist", method="adjoint"), 867_722),
 ])
 def test_paper_parameter_counts(kw, expected):
   assert _params_per_block(**kw) == expected

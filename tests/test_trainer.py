@@ -108,7 +108,7 @@ def test_wrong_image_shape_is_refused(tmp_path):
 
 @pytest.mark.parametrize("argv, match", [
     (["--dataset", "svhn"], "unknown dataset 'svhn'"),
-    (["--method", "adjoint"], "not implemented yet"),
+    (["--method", "adjoint", "--embedding", "learned"], "fixed one-hot embedding"),
     (["--method", "magic"], "unknown method"),
     (["--T", "0"], "T must be >= 1"),
     (["--lr", "-0.1"], "learning rate must be > 0"),
