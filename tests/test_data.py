@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -202,3 +203,111 @@ def test_real_mnist_verifies():
   ds = data.load("mnist", SHARED_MNIST)  # one .gz re-compressed: verified by content
   assert ds.train.images.shape == (60000, 28, 28, 1) and ds.test.labels.shape == (10000,)
   assert np.bincount(ds.test.labels).tolist()[:3] == [980, 1135, 1032]
+
+
+# ----------------------------------------------------------------------------- Tiny ImageNet
+
+_TINY_WNIDS = ["n02", "n01", "n03"]  # not sorted: class index is wnids.txt's line order
+
+
+def _jpeg(color, mode="RGB", size=(64, 64)) -> bytes:
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.new(mode, size, color).save(buf, "JPEG", quality=95)
+  return buf.getvalue()
+
+
+def _noise_jpeg() -> bytes:
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3)).astype(np.uint8)).save(
+      buf, "JPEG", quality=95)
+  return buf.getvalue()
+
+
+def _tiny_files(gray_val=True):
+  """Relative path -> bytes of a 3-class Tiny ImageNet: 2 train images a class, 3 val images."""
+  files = {"wnids.txt": ("\n".join(_TINY_WNIDS) + "\n").encode(), "words.txt": b"n01\tthing\n"}
+  for c, w in enumerate(_TINY_WNIDS):
+    files[f"train/{w}/{w}_boxes.txt"] = b""
+    for k in range(2):
+      files[f"train/{w}/images/{w}_{k}.JPEG"] = _jpeg((40 * c + 10 * k, 100, 200))
+  files["train/n03/images/n03_1.JPEG"] = _jpeg((0, 255, 255, 0), "CMYK")  # pure red
+  val = [("val_0.JPEG", "n03"), ("val_1.JPEG", "n02"), ("val_2.JPEG", "n01")]
+  for i, (name, _) in enumerate(val):
+    gray = gray_val and i == 1
+    files[f"val/images/{name}"] = _jpeg(30 + 50 * i, "L") if gray else _jpeg((9, 9, 9))
+  files["val/val_annotations.txt"] = "".join(f"{n}\t{w}\t0\t0\t63\t63\n" for n, w in val).encode()
+  files["test/images/test_0.JPEG"] = _jpeg((1, 2, 3))  # unlabelled: ignored
+  return files
+
+
+def _write_tiny(root, files, as_zip=True):
+  if as_zip:
+    with zipfile.ZipFile(root / "tiny-imagenet-200.zip", "w") as zf:
+      for rel, payload in files.items():
+        zf.writestr(f"tiny-imagenet-200/{rel}", payload)
+  else:
+    for rel, payload in files.items():
+      path = root / "tiny-imagenet-200" / rel
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(payload)
+
+
+@pytest.mark.parametrize("as_zip", [True, False])
+def test_tiny_imagenet_archive_and_folder(tmp_path, as_zip):
+  _write_tiny(tmp_path, _tiny_files(), as_zip)
+  ds = data.load("tiny_imagenet", tmp_path, verify=False)
+  assert ds.num_classes == 3 and ds.name == "tiny_imagenet"
+  assert ds.train.images.shape == (6, 64, 64, 3) and ds.train.images.dtype == np.uint8
+  assert ds.test.images.shape == (3, 64, 64, 3) and ds.test.labels.dtype == np.int32
+  np.testing.assert_array_equal(ds.train.labels, [0, 0, 1, 1, 2, 2])  # wnids.txt order
+  assert abs(int(ds.train.images[2, 5, 5, 0]) - 40) <= 3  # class 1 ("n01"), k = 0
+  assert np.abs(ds.train.images[5, 0, 0].astype(int) - [255, 0, 0]).max() <= 3  # CMYK -> RGB
+  np.testing.assert_array_equal(ds.test.labels, [2, 0, 1])  # n03, n02, n01 per the annotations
+  gray = ds.test.images[1].astype(int)  # the grayscale JPEG, converted to RGB
+  assert abs(gray[0, 0, 0] - 80) <= 3 and (gray[..., 0] == gray[..., 2]).all()
+
+
+def test_tiny_imagenet_folder_given_directly(tmp_path):
+  _write_tiny(tmp_path, _tiny_files(), as_zip=False)
+  ds = data.load("tiny_imagenet", tmp_path / "tiny-imagenet-200", verify=False)
+  assert ds.train.images.shape == (6, 64, 64, 3)
+
+
+def test_tiny_imagenet_checksum_and_corrupt_zip(tmp_path):
+  _write_tiny(tmp_path, _tiny_files())
+  with pytest.raises(DataError, match="checksum mismatch"):
+    data.load("tiny_imagenet", tmp_path)
+  p = tmp_path / "tiny-imagenet-200.zip"
+  p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+  with pytest.raises(DataError, match="corrupt or truncated zip"):
+    data.load("tiny_imagenet", tmp_path, verify=False)
+
+
+@pytest.mark.parametrize("rel, payload, match", [
+    ("train/n01/images/n01_1.JPEG", _jpeg((1, 2, 3))[:200], r"n01_1\.JPEG: corrupt, truncated"),
+    ("train/n03/images/n03_0.JPEG", _noise_jpeg()[:2500], r"n03_0\.JPEG: corrupt or truncated"),
+    ("val/images/val_2.JPEG", b"not a jpeg", r"val_2\.JPEG: corrupt, truncated or not an image"),
+    ("val/images/val_0.JPEG", _jpeg((1, 2, 3), size=(64, 32)), r"val_0\.JPEG: image is 64x32"),
+    ("val/val_annotations.txt", b"val_0.JPEG\tn09\t0\t0\t1\t1\n", "unknown wnid 'n09'"),
+    ("wnids.txt", None, "missing wnids.txt"),
+])
+def test_tiny_imagenet_bad_files(tmp_path, rel, payload, match):
+  files = _tiny_files()
+  if payload is None:
+    del files[rel]
+  else:
+    files[rel] = payload
+  _write_tiny(tmp_path, files)
+  with pytest.raises(DataError, match=match):
+    data.load("tiny_imagenet", tmp_path, verify=False)
+
+
+def test_tiny_imagenet_missing_says_what_to_put_where(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"tiny-imagenet-200\.zip.*Put .* in"):
+    data.load("tiny_imagenet", tmp_path)
+  with pytest.raises(FileNotFoundError, match="Datasets does not provide it.*--data-dir"):
+    data.load("tiny_imagenet", None)
