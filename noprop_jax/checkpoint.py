@@ -31,8 +31,11 @@ def guard_config(workdir: Path, config: dict[str, Any],
     except json.JSONDecodeError as e:
       raise ConfigMismatchError(f"{path} is corrupt ({e}); use a fresh --workdir") from None
     saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
+    # The adjoint trains with its solver steps: for it, inference_steps is not inference-only.
+    resumable = [k for k in RESUMABLE_CHANGES
+                 if not (k == "inference_steps" and config.get("method") == "adjoint")]
     diff = {k: (saved.get(k), v) for k, v in config.items()
-            if saved.get(k) != v and k not in RESUMABLE_CHANGES}
+            if saved.get(k) != v and k not in resumable}
     diff.update({k: (v, None) for k, v in saved.items() if k not in config})
     if diff:
       lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))

@@ -216,3 +216,19 @@ def test_radial_probabilities_match_eq_15_16_and_sum_to_one():
   # With the softmax head the same z gives other probabilities: the option is live.
   soft_cfg = Config.create(embedding="learned", embedding_dim=5)
   assert not np.allclose(jax.nn.softmax(dt.class_logits(soft_cfg, shared, z)), p)
+
+
+def test_adjoint_solver_steps_are_not_a_resumable_change(tmp_path):
+  from noprop_jax.checkpoint import ConfigMismatchError, guard_config
+
+  for method, resumable in (("ct", True), ("adjoint", False)):
+    workdir = tmp_path / method
+    workdir.mkdir()
+    cfg = Config.create(method=method).to_dict()
+    guard_config(workdir, cfg)
+    changed = {**cfg, "inference_steps": 100}  # CT: inference only; adjoint: also training
+    if resumable:
+      guard_config(workdir, changed)
+    else:
+      with pytest.raises(ConfigMismatchError, match="inference_steps: saved 1000, now 100"):
+        guard_config(workdir, changed)
