@@ -44,10 +44,9 @@ def init(cfg: Config, key: jax.Array, embed: jax.Array | None = None) -> State:
     raise ValueError("the adjoint baseline uses the fixed one-hot embedding")
   x = jnp.zeros((1, *cfg.image_shape), jnp.float32)
   z = jnp.zeros((1, cfg.embedding_dim), jnp.float32)
-  k_block, k_head = jax.random.split(key)
-  block = continuous.make_model(cfg).init({"params": k_block}, x, z, jnp.zeros((1,)),
+  block = continuous.make_model(cfg).init({"params": key}, x, z, jnp.zeros((1,)),
                                           train=False)["params"]
-  params = {"block": block, "head": backprop._init_head(k_head, cfg.embedding_dim, cfg.num_classes)}
+  params = {"block": block, "head": backprop.init_head(jnp.eye(cfg.num_classes, dtype=jnp.float32))}
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": optimizer(cfg).init(params)}
 
 

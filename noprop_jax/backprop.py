@@ -39,31 +39,39 @@ def optimizer(cfg: Config) -> optax.GradientTransformation:
 
 
 def init(cfg: Config, key: jax.Array, embed: jax.Array | None = None) -> State:
-  """T independently initialised blocks, w = W_INIT, a random head, embedding, optimizer.
+  """T independently initialised blocks, w = W_INIT, embedding, `init_head`, optimizer.
 
   `embed`: the initial prototype embedding [m, H*W*C] (embedding 'prototype' only).
   """
-  k_blocks, k_embed, k_head = jax.random.split(key, 3)
+  k_blocks, k_embed = jax.random.split(key)
   model = dt.make_model(cfg)
   x = jnp.zeros((1, *cfg.image_shape), jnp.float32)
   z = jnp.zeros((1, cfg.embedding_dim), jnp.float32)
   variables = jax.vmap(lambda k: model.init({"params": k}, x, z, train=False))(
       jax.random.split(k_blocks, cfg.T))
-  d, m = cfg.embedding_dim, cfg.num_classes
-  params = {"blocks": variables["params"], "w": jnp.full((cfg.T,), W_INIT, jnp.float32),
-            "head": _init_head(k_head, d, m)}
+  params = {"blocks": variables["params"], "w": jnp.full((cfg.T,), W_INIT, jnp.float32)}
   W = dt.initial_embedding(cfg, k_embed, embed)
   if W is not None:
     params["embed"] = W
+  params["head"] = init_head(dt.embedding_matrix(params, cfg))
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "batch_stats": variables["batch_stats"], "opt": optimizer(cfg).init(params)}
 
 
-def _init_head(key: jax.Array, d: int, m: int) -> dict:
-  """A random (LeCun normal) head: unlike NoProp's, this head is trained on z_T of the
-  network itself, and from a zero head no gradient reaches the blocks (dL/dz_T = 0)."""
-  return {"kernel": jax.nn.initializers.lecun_normal()(key, (d, m), jnp.float32),
-          "bias": jnp.zeros((m,), jnp.float32)}
+HEAD_SCALE = 10.0
+
+
+def init_head(W_MD: jax.Array) -> dict:
+  """A head that starts as a nearest-embedding readout, logits_c = 10 <u_c, z> / mean ||u||^2.
+
+  Unlike NoProp's, this head is trained only through the network's own z_T, whose
+  entries stay within the embeddings' range (a convex mix for one-hot). From zero no
+  gradient reaches the blocks; from a LeCun-normal init AdamW at 1e-3 needs thousands
+  of steps to grow logits that separate classes (87.6% after one MNIST epoch); from
+  this init the blocks get a useful gradient at once.
+  """
+  scale = HEAD_SCALE / jnp.mean(jnp.sum(W_MD**2, axis=-1))
+  return {"kernel": scale * W_MD.T, "bias": jnp.zeros((W_MD.shape[0],), jnp.float32)}
 
 
 def params_per_block(state: State) -> int:
