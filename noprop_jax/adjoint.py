@@ -117,16 +117,7 @@ def predict(cfg: Config, state: State, x: jax.Array, key: jax.Array | None = Non
   """Class logits for images x. mode 'mean' (default): z_0 = 0; 'stochastic':
   z_0 ~ N(0, I), needs `key`."""
   dt.check_images(x, cfg)
-  mode = mode or cfg.inference
-  shape = (x.shape[0], cfg.embedding_dim)
-  if mode == "mean":
-    z0 = jnp.zeros(shape)
-  elif mode == "stochastic":
-    if key is None:
-      raise ValueError("stochastic inference needs a PRNG key")
-    z0 = jax.random.normal(key, shape)
-  else:
-    raise ValueError(f"unknown inference mode {mode!r}; choose 'mean' or 'stochastic'")
+  z0 = backprop.initial_z(cfg, x.shape[0], key, mode)
   return logits(cfg, state["params"], dt.to_float(x), z0, False)
 
 

@@ -150,22 +150,27 @@ def make_train_step(cfg: Config) -> Callable[[State, jax.Array, jax.Array], tupl
   return jax.jit(partial(train_step, cfg), donate_argnums=0)
 
 
+def initial_z(cfg: Config, batch: int, key: jax.Array | None, mode: str | None) -> jax.Array:
+  """z_0 for inference: 0 for mode 'mean' (cfg.inference by default), N(0, I) for
+  'stochastic' (needs `key`)."""
+  mode = mode or cfg.inference
+  shape = (batch, cfg.embedding_dim)
+  if mode == "mean":
+    return jnp.zeros(shape)
+  if mode == "stochastic":
+    if key is None:
+      raise ValueError("stochastic inference needs a PRNG key")
+    return jax.random.normal(key, shape)
+  raise ValueError(f"unknown inference mode {mode!r}; choose 'mean' or 'stochastic'")
+
+
 @partial(jax.jit, static_argnames=("cfg", "mode"))
 def predict(cfg: Config, state: State, x: jax.Array, key: jax.Array | None = None,
             mode: str | None = None) -> jax.Array:
   """Class logits for images x. mode 'mean' (default): z_0 = 0; 'stochastic':
   z_0 ~ N(0, I), needs `key` (the network's only randomness at inference)."""
   dt.check_images(x, cfg)
-  mode = mode or cfg.inference
-  shape = (x.shape[0], cfg.embedding_dim)
-  if mode == "mean":
-    z0 = jnp.zeros(shape)
-  elif mode == "stochastic":
-    if key is None:
-      raise ValueError("stochastic inference needs a PRNG key")
-    z0 = jax.random.normal(key, shape)
-  else:
-    raise ValueError(f"unknown inference mode {mode!r}; choose 'mean' or 'stochastic'")
+  z0 = initial_z(cfg, x.shape[0], key, mode)
   return forward(cfg, state["params"], state["batch_stats"], dt.to_float(x), z0, False)[0]
 
 
