@@ -21,10 +21,10 @@ def _norm(tree) -> float:
 # ----------------------------------------------------------------------------- backprop
 
 def test_backprop_chain_is_eq_17_to_19_and_gradients_cross_blocks():
-  cfg = Config.create(method="backprop", T=3, embedding="learned", embedding_dim=6, dropout=0.0)
+  cfg = Config.create(method="backprop", T=2, embedding="learned", embedding_dim=6, dropout=0.0)
   state = backprop.init(cfg, jax.random.key(0))
   params, stats = state["params"], state["batch_stats"]
-  params = {**params, "w": jnp.array([0.3, -0.7, 1.1]),
+  params = {**params, "w": jnp.array([0.3, -0.7]),
             "head": {"kernel": jax.random.normal(jax.random.key(1), (6, 10)),
                      "bias": jnp.zeros(10)}}
   z0 = jax.random.normal(jax.random.key(2), (8, 6))
@@ -32,7 +32,7 @@ def test_backprop_chain_is_eq_17_to_19_and_gradients_cross_blocks():
   # Eq. 17-19 written out block by block.
   model, W = dt.make_model(cfg), params["embed"]
   z = z0
-  for t in range(3):
+  for t in range(2):
     p = jax.tree.map(lambda a: a[t], params["blocks"])
     s = jax.tree.map(lambda a: a[t], stats)
     u_hat = jax.nn.softmax(model.apply({"params": p, "batch_stats": s}, X, z, train=False)) @ W
@@ -52,9 +52,9 @@ def test_backprop_chain_is_eq_17_to_19_and_gradients_cross_blocks():
   g = grad(params)
   first = lambda tree: jax.tree.map(lambda a: a[0], tree["blocks"])
   assert _norm(first(g)) > 1e-6
-  assert all(_norm(jax.tree.map(lambda a: a[t], g["blocks"])) > 1e-6 for t in range(3))
+  assert _norm(jax.tree.map(lambda a: a[1], g["blocks"])) > 1e-6
   assert abs(float(g["w"][0])) > 0
-  changed = {**params, "blocks": jax.tree.map(lambda a: a.at[2].multiply(1.5), params["blocks"])}
+  changed = {**params, "blocks": jax.tree.map(lambda a: a.at[1].multiply(1.5), params["blocks"])}
   g2 = grad(changed)
   assert _norm(jax.tree.map(jnp.subtract, first(g2), first(g))) > 1e-4 * _norm(first(g))
 
@@ -79,8 +79,6 @@ def test_backprop_trains_and_evaluates():
   assert acc > 0.4 and runs.shape == (2,), (acc, runs)  # chance is 0.1
   x, y = jnp.asarray(DIGITS.train.images[:16]), jnp.asarray(DIGITS.train.labels[:16])
   np.testing.assert_array_equal(trainer.predict(cfg, state, x), backprop.predict(cfg, state, x))
-  sampled = trainer.predict(cfg, state, x, key=jax.random.key(3), mode="stochastic")
-  assert not np.allclose(sampled, backprop.predict(cfg, state, x))  # z_0 is drawn
 
 
 # ----------------------------------------------------------------------------- adjoint

@@ -190,8 +190,16 @@ def test_loss_function_is_the_step_objective(parallel_step):
   assert value.shape == () and np.isfinite(float(value)) and float(value) > 0
   # Eq. 8: CE + KL + (T/2) eta E_t[dSNR(t) mse_t], the expectation as the mean over t
   k_blocks, k_head = jax.random.split(jax.random.key(0))
-  _, _, _, _, m = dt.block_gradients(cfg, "vmap", state["blocks"], state["shared"], x, y, k_blocks)
+
+  @jax.jit
+  def block_mses(blocks):  # each block's own loss term, by the same keys as dt.loss draws
+    return jnp.stack([
+        dt.block_loss(cfg, _blocks(blocks["params"], i), _blocks(blocks["batch_stats"], i),
+                      state["shared"], x, y, i, jax.random.fold_in(k_blocks, i))[1][1]["mse"]
+        for i in range(cfg.T)])
+
+  mse = block_mses(state["blocks"])
   head, _ = dt.head_loss(cfg, state["shared"], y, k_head)
   sched = dt.schedule(cfg)
-  eq8 = float(head) + 0.5 * cfg.T * cfg.eta * float(jnp.mean(jnp.diff(sched.snr) * m["mse"]))
+  eq8 = float(head) + 0.5 * cfg.T * cfg.eta * float(jnp.mean(jnp.diff(sched.snr) * mse))
   assert float(value) == pytest.approx(eq8, rel=1e-5)
