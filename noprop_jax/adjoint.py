@@ -37,10 +37,8 @@ State = dict[str, Any]
 Metrics = dict[str, jax.Array]
 
 
-def optimizer(cfg: Config) -> optax.GradientTransformation:
-  """AdamW (paper Table 4) after clipping by the global norm."""
-  adamw = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
+# AdamW after clipping by the global norm (paper Table 4), as for the backprop baseline.
+optimizer = dt.optimizer
 
 
 @partial(jax.jit, static_argnums=0)  # eager, flax init dispatches op by op: ~10x slower
@@ -91,7 +89,7 @@ def logits(cfg: Config, params, x: jax.Array, z0: jax.Array, train: bool,
   solve = solvers.euler_adjoint if adjoint else solvers.euler
   z1 = solve(drift(cfg), z0, 0.0, 1.0, cfg.inference_steps,
              (params["block"], img, params["log_rate"]))
-  return z1 @ params["head"]["kernel"] + params["head"]["bias"][None, :]
+  return backprop.head_logits(params, z1)
 
 
 def loss_fn(cfg: Config, params, x, y, key, adjoint: bool = True):
@@ -103,16 +101,12 @@ def loss_fn(cfg: Config, params, x, y, key, adjoint: bool = True):
   return ce, {"ce": ce, "accuracy": acc, "block_accuracy": acc}
 
 
-def _step_key(cfg: Config, step: jax.Array) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 1), step)
-
-
 def train_step(cfg: Config, state: State, x: jax.Array, y: jax.Array,
                adjoint: bool = True) -> tuple[State, Metrics]:
   """One AdamW step on one batch, the gradient from the adjoint ODE."""
   x = dt.to_float(x)
   (loss, m), g = jax.value_and_grad(partial(loss_fn, cfg, adjoint=adjoint), has_aux=True)(
-      state["params"], x, y, _step_key(cfg, state["step"]))
+      state["params"], x, y, dt.step_key(cfg, state["step"]))
   upd, opt = optimizer(cfg).update(g, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], upd)
   return ({"step": state["step"] + 1, "params": params, "opt": opt},
@@ -146,6 +140,6 @@ def eval_counts(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.
   img = jnp.broadcast_to(img[None], (1 + runs, *img.shape)).reshape(-1, img.shape[-1])
   z1 = solvers.euler(drift(cfg), z0, 0.0, 1.0, cfg.inference_steps,
                      (params["block"], img, params["log_rate"]))
-  out = z1 @ params["head"]["kernel"] + params["head"]["bias"][None, :]
+  out = backprop.head_logits(params, z1)
   correct = (jnp.argmax(out, -1).reshape(1 + runs, B) == y[None, :]).sum(-1)
   return correct[0], correct[1:]

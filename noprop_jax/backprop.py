@@ -32,10 +32,9 @@ Metrics = dict[str, jax.Array]
 W_INIT = 0.5  # alpha_t = tanh(0.5) = 0.46: every block starts with a real share of z_T
 
 
-def optimizer(cfg: Config) -> optax.GradientTransformation:
-  """AdamW (paper Table 4) after clipping by the global norm: one network, one norm."""
-  adamw = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
+# AdamW after clipping by the global norm (paper Table 4): NoProp-DT's optimizer, here
+# applied to the whole network at once, so one network has one norm.
+optimizer = dt.optimizer
 
 
 @partial(jax.jit, static_argnums=0)  # eager, flax init dispatches op by op: ~10x slower
@@ -80,7 +79,8 @@ def params_per_block(state: State) -> int:
   return count_params(blocks) // jax.tree.leaves(blocks)[0].shape[0]
 
 
-def _head(params, z: jax.Array) -> jax.Array:
+def head_logits(params, z: jax.Array) -> jax.Array:
+  """The linear classifier W_out z + b_out."""
   return z @ params["head"]["kernel"] + params["head"]["bias"][None, :]
 
 
@@ -118,7 +118,7 @@ def forward(cfg: Config, params, batch_stats, x: jax.Array, z0: jax.Array, train
     return (1.0 - a) * z + a * (jax.nn.softmax(logits) @ W), s
 
   z_T, new_stats = _chain(cfg, step, z0, (params["blocks"], batch_stats, alpha, keys))
-  return _head(params, z_T), new_stats
+  return head_logits(params, z_T), new_stats
 
 
 def loss_fn(cfg: Config, params, batch_stats, x, y, key):
@@ -131,15 +131,11 @@ def loss_fn(cfg: Config, params, batch_stats, x, y, key):
   return ce, (new_stats, {"ce": ce, "accuracy": acc, "block_accuracy": acc})
 
 
-def _step_key(cfg: Config, step: jax.Array) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 1), step)
-
-
 def train_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tuple[State, Metrics]:
   """One AdamW step of the whole network on one batch."""
   x = dt.to_float(x)
   (loss, (stats, m)), g = jax.value_and_grad(partial(loss_fn, cfg), has_aux=True)(
-      state["params"], state["batch_stats"], x, y, _step_key(cfg, state["step"]))
+      state["params"], state["batch_stats"], x, y, dt.step_key(cfg, state["step"]))
   upd, opt = optimizer(cfg).update(g, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], upd)
   new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats, "opt": opt}

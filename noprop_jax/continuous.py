@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from noprop_jax import solvers
+from noprop_jax import dt, solvers
 from noprop_jax.config import Config
 from noprop_jax.dt import check_images, embedding_matrix, initial_embedding, to_float
 from noprop_jax.models import CTBlock, count_params
@@ -181,15 +181,11 @@ def loss_fn(cfg: Config) -> Callable:
 
 # ----------------------------------------------------------------------------- training step
 
-def _step_key(cfg: Config, step: jax.Array) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 1), step)
-
-
 def train_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tuple[State, Metrics]:
   """One Adam step of the block, head, embedding and schedule on one batch."""
   x = to_float(x)
   (loss, m), g = jax.value_and_grad(loss_fn(cfg), has_aux=True)(
-      state["params"], x, y, _step_key(cfg, state["step"]))
+      state["params"], x, y, dt.step_key(cfg, state["step"]))
   upd, opt = optimizer(cfg).update(g, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], upd)
   if "schedule" in params:  # log the endpoints the step leaves, not the ones it started from

@@ -229,7 +229,8 @@ def block_gradients(cfg: Config, formulation: str, blocks, shared, x, y, key):
 
 # ----------------------------------------------------------------------------- training steps
 
-def _step_key(cfg: Config, step: jax.Array) -> jax.Array:
+def step_key(cfg: Config, step: jax.Array) -> jax.Array:
+  """The training step's PRNG key: fold_in of the step (every method draws its noise from it)."""
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 1), step)
 
 
@@ -248,7 +249,7 @@ def _update_shared(cfg: Config, state: State, g_from_blocks, y: jax.Array, key: 
 def parallel_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tuple[State, Metrics]:
   """One optimizer step of all T blocks (and the head/embedding) on one batch."""
   x = to_float(x)
-  key = _step_key(cfg, state["step"])
+  key = step_key(cfg, state["step"])
   k_blocks, k_head = jax.random.split(key)
   loss_b, new_stats, g_blocks, g_shared, m = block_gradients(
       cfg, cfg.resolved_formulation(), state["blocks"], state["shared"], x, y, k_blocks)
@@ -271,7 +272,7 @@ def sequential_step(cfg: Config, state: State, x: jax.Array, y: jax.Array,
   CE + KL + (T/2) eta dSNR(t) ||u_hat_t - u_y||^2, i.e. T times the block's share.
   """
   x = to_float(x)
-  key = _step_key(cfg, state["step"])
+  key = step_key(cfg, state["step"])
   k_block, k_head = jax.random.split(key)
   take = lambda tree: jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, block, keepdims=False), tree)
   put = lambda tree, new: jax.tree.map(
