@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
 
 from noprop_jax.config import (CLASSIFIERS, CONV_IMPLS, CT_SAMPLERS, DATASETS, EMBEDDINGS,
-                               FORMULATIONS, INFERENCE_MODES, METHODS, TRAININGS, Config)
+                               FORMULATIONS, INFERENCE_MODES, METHODS, PRECISIONS, TRAININGS, Config)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   a("--training", default=None, help="parallel (all blocks every step) | sequential (Algorithm 1)")
   a("--formulation", default=None, help="|".join(FORMULATIONS) + ": how the parallel step maps "
     "over blocks (auto: unroll on CPU, vmap on GPU/TPU)")
+  a("--blocks-per-step", type=int, default=None, help="DT: blocks computed at once in a step, a "
+    "divisor of T; fewer use less memory, the rest run one chunk after another in the same "
+    "step (default 0: automatic, all T where they fit in device memory)")
+  a("--mesh", default=None, help="device mesh, e.g. blocks=4,data=2: DT's blocks split over "
+    "'blocks', batches over 'data' (CT/FM/baselines: data only; default: one device)")
+  a("--precision", default=None, help="|".join(PRECISIONS) + ": compute dtype (bfloat16 keeps "
+    "float32 parameters and optimizer state; for GPU/TPU)")
   a("--conv-impl", default=None, help="|".join(CONV_IMPLS))
   a("--inference", default=None, help="|".join(INFERENCE_MODES) + ": mode of test_accuracy "
     "(default mean)")
@@ -69,7 +76,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   names = ("method", "dataset", "embedding", "embedding_dim", "classifier", "radial_sigma", "T", "epochs", "batch_size", "lr",
            "weight_decay", "eta", "grad_clip", "dropout", "seed", "training", "formulation",
-           "conv_impl", "inference", "inference_runs", "eval_every", "inference_steps", "ct_sampler", "fm_sigma",
+           "blocks_per_step", "mesh", "precision", "conv_impl", "inference", "inference_runs", "eval_every", "inference_steps", "ct_sampler", "fm_sigma",
            "gamma_0_init", "gamma_1_init")
   try:
     cfg = Config.create(**{n: getattr(args, n) for n in names})

@@ -9,8 +9,8 @@ import orbax.checkpoint as ocp
 
 # Settings that change how a step executes, not what it computes (or, for
 # epochs, only how long training goes on): a workdir may be resumed with others.
-RESUMABLE_CHANGES = ("epochs", "formulation", "conv_impl", "inference_runs", "inference_steps",
-                     "ct_sampler", "eval_every")
+RESUMABLE_CHANGES = ("epochs", "formulation", "conv_impl", "blocks_per_step", "mesh",
+                     "precision", "inference_runs", "inference_steps", "ct_sampler", "eval_every")
 
 
 class ConfigMismatchError(RuntimeError):

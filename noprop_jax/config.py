@@ -13,10 +13,29 @@ METHODS = ("dt", "ct", "fm", "backprop", "adjoint")
 EMBEDDINGS = ("onehot", "learned", "prototype")
 CLASSIFIERS = ("softmax", "radial")
 FORMULATIONS = ("auto", "vmap", "unroll", "scan")
-CONV_IMPLS = ("auto", "xla", "patches")
+CONV_IMPLS = ("auto", "xla", "patches", "gemm")
 TRAININGS = ("parallel", "sequential")
 INFERENCE_MODES = ("mean", "stochastic")
 CT_SAMPLERS = ("ode", "sde")
+PRECISIONS = ("float32", "bfloat16")
+MESH_AXES = ("blocks", "data")
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+  """'blocks=4,data=2' -> {'blocks': 4, 'data': 2} (a missing axis has size 1; '' is one device)."""
+  sizes = {"blocks": 1, "data": 1}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, eq, value = part.partition("=")
+    name = name.strip()
+    if not eq or name not in MESH_AXES:
+      raise ValueError(f"bad mesh {spec!r}: write it as 'blocks=B,data=D' (axes {list(MESH_AXES)})")
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise ValueError(f"bad mesh {spec!r}: {name} must be a whole number, got {value!r}") from None
+    if sizes[name] < 1:
+      raise ValueError(f"bad mesh {spec!r}: {name} must be >= 1, got {sizes[name]}")
+  return sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +98,9 @@ class Config:
   seed: int = 0
   training: str = "parallel"  # "sequential" is the paper's Algorithm 1
   formulation: str = "auto"  # how the parallel step maps over blocks
+  blocks_per_step: int = 0  # blocks computed at once in the parallel step (0: auto, the fastest that fits)
+  mesh: str = ""  # device mesh, e.g. "blocks=4,data=2" (blocks: DT only); "" is one device
+  precision: str = "float32"  # "bfloat16": bf16 compute, float32 parameters and optimizer state
   conv_impl: str = "auto"  # "patches": matmul weight gradient (fast on XLA:CPU in vmap/scan)
   inference: str = "mean"  # default inference mode for test_accuracy
   inference_runs: int = 5  # stochastic runs averaged in the summary (paper: 5)
@@ -162,7 +184,7 @@ class Config:
     for name, allowed in (("embedding", EMBEDDINGS), ("formulation", FORMULATIONS),
                           ("conv_impl", CONV_IMPLS), ("training", TRAININGS),
                           ("inference", INFERENCE_MODES), ("ct_sampler", CT_SAMPLERS),
-                          ("classifier", CLASSIFIERS)):
+                          ("classifier", CLASSIFIERS), ("precision", PRECISIONS)):
       if getattr(self, name) not in allowed:
         bad(f"unknown {name} {getattr(self, name)!r}; choose one of {list(allowed)}")
     if self.T < 1:
@@ -197,6 +219,33 @@ class Config:
     if self.embedding == "prototype" and self.embedding_dim != self.info.image_size:
       bad(f"a prototype embedding has the image size {self.info.image_size} as its dimension, "
           f"got embedding_dim={self.embedding_dim}")
+    if self.precision != "float32" and self.method not in ("dt", "ct", "fm"):
+      bad(f"--precision {self.precision} is implemented for NoProp-DT, -CT and -FM, not {self.method}")
+    mesh = parse_mesh(self.mesh)
+    if mesh["blocks"] > 1:
+      if self.method != "dt":
+        bad(f"a 'blocks' mesh axis shards NoProp-DT's blocks; {self.method} has none to shard "
+            f"(use data=N), got --mesh {self.mesh}")
+      if self.T % mesh["blocks"]:
+        bad(f"the mesh's blocks={mesh['blocks']} must divide T={self.T}")
+      if self.training == "sequential":
+        bad("sequential training (Algorithm 1) updates one block per step: shard it with "
+            f"data=N, not blocks={mesh['blocks']}")
+      if self.formulation == "unroll":
+        bad("--formulation unroll indexes blocks one by one, which a blocks-sharded mesh "
+            "cannot split; use vmap (or auto)")
+    if self.batch_size % mesh["data"]:
+      bad(f"batch_size {self.batch_size} must be divisible by the mesh's data={mesh['data']}")
+    k = self.blocks_per_step
+    if k < 0 or k > self.T or (k and self.T % k):
+      bad(f"blocks_per_step must divide T={self.T} (or be 0: automatic), got {k}")
+    if k and self.method != "dt":
+      bad(f"--blocks-per-step is NoProp-DT's (its T blocks in one step), not {self.method}'s")
+    if k and self.formulation == "scan" and k != 1:
+      bad(f"--formulation scan is one block at a time (blocks_per_step 1), got {k}")
+    if k and k % mesh["blocks"]:
+      bad(f"blocks_per_step {k} must be a multiple of the mesh's blocks={mesh['blocks']}, "
+          "so that every chunk spreads over all devices")
     if self.inference_steps < 1:
       bad(f"inference_steps must be >= 1, got {self.inference_steps}")
     if not self.radial_sigma > 0:
@@ -210,24 +259,43 @@ class Config:
       bad("need 0 < alpha_bar_min < alpha_bar_max < 1 so every SNR is finite, got "
           f"{self.alpha_bar_min}, {self.alpha_bar_max}")
 
+  @property
+  def mesh_shape(self) -> dict[str, int]:
+    return parse_mesh(self.mesh)
+
   def resolved_formulation(self) -> str:
-    """'auto' -> 'vmap' on GPU/TPU; on XLA:CPU, where conv weight gradients under
-    vmap or in loops are slow, the blocks unrolled in one jit (measured fastest)."""
+    """'auto' -> 'vmap' on GPU/TPU and on a blocks-sharded mesh; on XLA:CPU, where conv
+    weight gradients under vmap or in loops are slow, the blocks unrolled in one jit
+    (measured fastest, experiments/benchmark.py)."""
     if self.method in ("ct", "fm", "adjoint"):
       return "single"  # one time-conditioned block
     if self.method == "backprop":
       return "chain"  # the blocks run one after another, as a forward pass must
     if self.formulation != "auto":
       return self.formulation
-    return "unroll" if jax.default_backend() == "cpu" else "vmap"
+    if jax.default_backend() == "cpu" and self.mesh_shape["blocks"] == 1:
+      return "unroll"
+    return "vmap"
+
+  def resolved_blocks_per_step(self) -> int:
+    """Blocks computed at once: 1 for 'scan', else blocks_per_step or, for 0 (auto), all T.
+
+    (`trainer.fit_blocks_per_step` lowers 'auto' further where all T do not fit
+    in device memory.)"""
+    if self.resolved_formulation() == "scan":
+      return 1
+    return self.blocks_per_step or self.T
 
   def resolved_conv_impl(self) -> str:
-    """'auto' -> the matmul weight gradient only where it pays: on XLA:CPU under
-    vmap or scan (3.0 s vs ~16 s per 10-block step); unrolled, the stock conv wins."""
+    """'auto' -> on XLA:CPU, im2col + GEMM ('gemm') for unrolled blocks and the matmul
+    weight gradient ('patches') under vmap or in loops (the stock conv weight gradient
+    is ~30x slower there); elsewhere the stock convolution."""
     if self.conv_impl != "auto":
       return self.conv_impl
-    slow_there = jax.default_backend() == "cpu" and self.resolved_formulation() in ("vmap", "scan")
-    return "patches" if slow_there else "xla"
+    if jax.default_backend() != "cpu":
+      return "xla"
+    looped = self.resolved_formulation() in ("vmap", "scan") or self.resolved_blocks_per_step() < self.T
+    return "patches" if looped else "gemm"
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -133,8 +133,7 @@ def ct_loss(cfg: Config, params, x: jax.Array, y: jax.Array, key: jax.Array):
   t = jax.random.uniform(k_t, (B,))
   s = schedule_at(cfg, params, t)
   z = ct_marginal_sample(u, s, k_eps)
-  logits = make_model(cfg).apply({"params": params["block"]}, x, z, t, train=True,
-                                 rngs={"dropout": k_drop})
+  logits, _ = dt.apply_train(cfg, make_model(cfg), params["block"], None, x, z, t, rng=k_drop)
   sq = jnp.sum((jax.nn.softmax(logits) @ W - u) ** 2, axis=-1)
   denoise = 0.5 * cfg.eta * jnp.mean(s.snr_prime * sq)
   # The endpoints are the parameters themselves: gamma(0) = gamma_1, gamma(1) = gamma_0.
@@ -162,8 +161,7 @@ def fm_loss(cfg: Config, params, x: jax.Array, y: jax.Array, key: jax.Array):
   t = jax.random.uniform(k_t, (y.shape[0],))
   z0 = jax.random.normal(k_0, u.shape)
   z, target = fm_path(u, z0, t, cfg.fm_sigma, jax.random.normal(k_eps, u.shape))
-  logits = make_model(cfg).apply({"params": params["block"]}, x, z, t, train=True,
-                                 rngs={"dropout": k_drop})
+  logits, _ = dt.apply_train(cfg, make_model(cfg), params["block"], None, x, z, t, rng=k_drop)
   v = logits @ W
   fm = jnp.mean(jnp.sum((v - target) ** 2, axis=-1))
   z1_hat = z + (1.0 - t)[:, None] * v  # one Euler step to t = 1

@@ -44,3 +44,67 @@ def _bwd(padding, res, g_NHWO):
 
 
 conv2d.defvjp(_fwd, _bwd)
+
+
+# ----------------------------------------------------------------------------- im2col + GEMM
+
+def im2col(x_NHWC: jax.Array, k: int = 3) -> jax.Array:
+  """VALID k x k patches [N, H-k+1, W-k+1, k*k*C], feature index (i * k + j) * C + c.
+
+  One gather: on XLA:CPU it is 2-3x faster than concatenating the k*k shifted
+  slices (and ~5x faster than `conv_general_dilated_patches`, itself a conv).
+  """
+  _, h, w, c = x_NHWC.shape
+  ho, wo = h - k + 1, w - k + 1
+  hi = jnp.arange(ho)[:, None, None, None] + jnp.arange(k)[None, None, :, None]
+  wi = jnp.arange(wo)[None, :, None, None] + jnp.arange(k)[None, None, None, :]
+  return x_NHWC[:, hi, wi, :].reshape(x_NHWC.shape[0], ho, wo, k * k * c)
+
+
+def _pad_same(x_NHWC: jax.Array, k: int, padding: str) -> jax.Array:
+  if padding == "VALID":
+    return x_NHWC
+  if padding != "SAME":
+    raise ValueError(f"padding must be 'VALID' or 'SAME', got {padding!r}")
+  lo = (k - 1) // 2
+  return jnp.pad(x_NHWC, ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
+
+
+def _gemm_forward(x, w, padding):
+  kh, kw, c, o = w.shape
+  # The barrier makes XLA materialise x: fused into the gather, x's producers (bias,
+  # ReLU, dropout's random bits) would be recomputed for each of the k*k copies.
+  p_NHWP = im2col(lax.optimization_barrier(_pad_same(x, kh, padding)), kh)
+  return p_NHWP @ w.reshape(kh * kw * c, o), p_NHWP
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d_gemm(x_NHWC: jax.Array, w_HWIO: jax.Array, padding: str) -> jax.Array:
+  """`conv2d` computed as im2col + GEMM, forward and weight gradient.
+
+  On XLA:CPU (2 cores, the paper block, batch 128) the conv forward and its
+  weight gradient run at 15-40 GFLOP/s while the same products as plain GEMMs
+  reach ~100: this halves the time of a block's convolutions. The patches are
+  kept for the weight gradient (more residual memory than `conv2d`); the input
+  gradient is the stock transposed convolution. Square kernels only.
+  """
+  return _gemm_forward(x_NHWC, w_HWIO, padding)[0]
+
+
+def _gemm_fwd(x, w, padding):
+  y, p = _gemm_forward(x, w, padding)
+  return y, (x, p, w)
+
+
+def _gemm_bwd(padding, res, g_NHWO):
+  x, p_NHWP, w = res
+  _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, padding), x)
+  (dx,) = vjp_x(g_NHWO)
+  # 2-D operands: a 3-contracting-dim einsum here runs 3-4x slower on XLA:CPU.
+  p_MP = p_NHWP.reshape(-1, p_NHWP.shape[-1])
+  g_MO = g_NHWO.reshape(-1, g_NHWO.shape[-1]).astype(p_MP.dtype)
+  dw = lax.dot_general(p_MP, g_MO, (((0,), (0,)), ((), ())))
+  return dx, dw.reshape(w.shape).astype(w.dtype)
+
+
+conv2d_gemm.defvjp(_gemm_fwd, _gemm_bwd)

@@ -113,6 +113,26 @@ def to_float(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
 
 
+def compute_dtype(cfg: Config):
+  return jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
+
+
+def apply_train(cfg: Config, model, params, batch_stats, *inputs, rng: jax.Array):
+  """`model.apply` in training mode at cfg.precision: with 'bfloat16' the float32
+  parameters and float inputs are cast to bf16 for the computation (the casts'
+  gradients return float32 to the parameters, so the optimizer state stays
+  float32); BatchNorm statistics stay float32. Returns (float32 logits, new batch_stats)."""
+  dtype = compute_dtype(cfg)
+  cast = lambda t: jax.tree.map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
+  variables = {"params": cast(params)}
+  if batch_stats is not None:
+    variables["batch_stats"] = batch_stats
+  logits, mutated = model.apply(variables, *cast(inputs), train=True, rngs={"dropout": rng},
+                                mutable=["batch_stats"] if batch_stats is not None else [])
+  return logits.astype(jnp.float32), mutated.get("batch_stats")
+
+
 def _noisy(u: jax.Array, alpha_bar: jax.Array, key: jax.Array) -> jax.Array:
   """A sample of q(z | y) = N(sqrt(alpha_bar) u_y, (1 - alpha_bar) I)."""
   return jnp.sqrt(alpha_bar) * u + jnp.sqrt(1.0 - alpha_bar) * jax.random.normal(key, u.shape)
@@ -135,13 +155,12 @@ def block_loss(cfg: Config, block_params, block_stats, shared, x, y, i, key):
   u = W[y]
   k_noise, k_drop = jax.random.split(key)
   z = _noisy(u, sched.alpha_bar[i], k_noise)
-  logits, mutated = make_model(cfg).apply(
-      {"params": block_params, "batch_stats": block_stats}, x, z, train=True,
-      rngs={"dropout": k_drop}, mutable=["batch_stats"])
+  logits, new_stats = apply_train(cfg, make_model(cfg), block_params, block_stats, x, z,
+                                  rng=k_drop)
   u_hat = jax.nn.softmax(logits) @ W
   mse = jnp.mean(jnp.sum((u_hat - u) ** 2, axis=-1))
   acc = jnp.mean(jnp.argmax(logits, -1) == y)
-  return sched.weight[i] * mse / cfg.T, (mutated["batch_stats"], {"mse": mse, "accuracy": acc})
+  return sched.weight[i] * mse / cfg.T, (new_stats, {"mse": mse, "accuracy": acc})
 
 
 def class_logits(cfg: Config, shared, z_BD: jax.Array) -> jax.Array:
@@ -195,35 +214,53 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def block_gradients(cfg: Config, formulation: str, blocks, shared, x, y, key):
+def _unrolled(fn: Callable, k: int) -> Callable:
+  """fn over k stacked blocks as k separate copies in the program (no batching)."""
+
+  def mapped(*stacked):
+    return _stack([fn(*jax.tree.map(lambda a: a[i], stacked)) for i in range(k)])
+
+  return mapped
+
+
+def block_gradients(cfg: Config, formulation: str, blocks, shared, x, y, key,
+                    blocks_per_step: int | None = None):
   """Every block's loss and gradient, mapped over the stacked T axis.
 
-  The formulations compute the same numbers; they differ in what XLA runs fast
-  and in temporary memory: 'vmap' (one batched program, fast on GPU/TPU),
-  'unroll' (T copies in one jit, fast on XLA:CPU), 'scan' (one block at a time
-  in a loop: least memory). Shared-parameter gradients are summed over blocks.
+  k = `blocks_per_step` blocks are computed at once ('vmap': batched into one
+  program, fast on GPU/TPU; 'unroll': k copies, fast on XLA:CPU) and the T / k
+  chunks run one after another in a `lax.scan` inside the same step; 'scan' is
+  k = 1. Chunk c holds blocks {c, c + T/k, c + 2T/k, ...}, so on a mesh whose
+  'blocks' axis splits the stacked T axis every chunk spreads over all devices.
+  The results are the same for every k up to floating-point reordering; k
+  trades speed for temporary memory. Shared-parameter gradients are summed
+  over blocks. Returns (loss [T], new batch_stats, grads [T...], shared grads, metrics).
   """
-  one = _block_grad_fn(cfg, shared, x, y)
-  idx = jnp.arange(cfg.T)
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
-  params, stats = blocks["params"], blocks["batch_stats"]
-  if formulation == "vmap":
-    loss, new_s, gp, gs, m = jax.vmap(one)(params, stats, idx, keys)
-    gs = jax.tree.map(lambda g: g.sum(0), gs)
-  elif formulation == "unroll":
-    outs = [one(jax.tree.map(lambda a: a[i], params), jax.tree.map(lambda a: a[i], stats), i,
-                keys[i]) for i in range(cfg.T)]
-    loss, new_s, gp, gs, m = _stack(outs)
-    gs = jax.tree.map(lambda g: g.sum(0), gs)
-  elif formulation == "scan":
-    def body(acc, inp):
-      loss, new_s, gp, gs, m = one(*inp)
-      return jax.tree.map(jnp.add, acc, gs), (loss, new_s, gp, m)
-
-    zeros = jax.tree.map(jnp.zeros_like, shared)
-    gs, (loss, new_s, gp, m) = lax.scan(body, zeros, (params, stats, idx, keys))
-  else:
+  T = cfg.T
+  k = 1 if formulation == "scan" else (blocks_per_step or T)
+  if formulation not in ("vmap", "unroll", "scan"):
     raise ValueError(f"unknown formulation {formulation!r}")
+  if T % k:
+    raise ValueError(f"blocks_per_step {k} must divide T={T}")
+  one = _block_grad_fn(cfg, shared, x, y)
+  inner = _unrolled(one, k) if formulation == "unroll" else jax.vmap(one)
+  idx = jnp.arange(T)
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
+  xs = (blocks["params"], blocks["batch_stats"], idx, keys)
+  sum_blocks = lambda g: jax.tree.map(lambda a: a.sum(0), g)
+  if k == T:
+    loss, new_s, gp, gs, m = inner(*xs)
+    return loss, new_s, gp, sum_blocks(gs), m
+  n = T // k  # chunks; [T, ...] -> [n, k, ...] with chunk c = blocks c, c + n, ...
+  to_chunks = lambda t: jax.tree.map(lambda a: a.reshape(k, n, *a.shape[1:]).swapaxes(0, 1), t)
+  from_chunks = lambda t: jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(T, *a.shape[2:]), t)
+
+  def body(acc, chunk):
+    loss, new_s, gp, gs, m = inner(*chunk)
+    return jax.tree.map(jnp.add, acc, sum_blocks(gs)), (loss, new_s, gp, m)
+
+  gs, out = lax.scan(body, jax.tree.map(jnp.zeros_like, shared), to_chunks(xs))
+  loss, new_s, gp, m = from_chunks(out)
   return loss, new_s, gp, gs, m
 
 
@@ -252,7 +289,8 @@ def parallel_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tupl
   key = step_key(cfg, state["step"])
   k_blocks, k_head = jax.random.split(key)
   loss_b, new_stats, g_blocks, g_shared, m = block_gradients(
-      cfg, cfg.resolved_formulation(), state["blocks"], state["shared"], x, y, k_blocks)
+      cfg, cfg.resolved_formulation(), state["blocks"], state["shared"], x, y, k_blocks,
+      cfg.resolved_blocks_per_step())
   loss_h, mh, shared, opt_shared = _update_shared(cfg, state, g_shared, y, k_head)
   params = state["blocks"]["params"]
   upd, opt_blocks = jax.vmap(optimizer(cfg).update)(g_blocks, state["opt_blocks"], params)

@@ -1,6 +1,7 @@
 """The training loop behind experiments/train.py: device-resident data, one
 jitted step per batch, per-epoch evaluation, checkpoints and exact resume."""
 
+import dataclasses
 import json
 import math
 import time
@@ -14,7 +15,7 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
-from noprop_jax import adjoint, backprop, continuous, dt
+from noprop_jax import adjoint, backprop, continuous, dt, sharding
 from noprop_jax.checkpoint import Checkpointer, guard_config
 from noprop_jax.config import Config
 from noprop_jax.data import Dataset, load
@@ -66,23 +67,76 @@ def make_epoch_step(cfg: Config, n_train: int) -> Callable:
   step // steps_per_pass is shuffled by a permutation keyed on (seed, p), so a
   run resumed at any step sees exactly the batches it would have seen.
   Sequential training (Algorithm 1) updates block p % T during pass p.
+  With cfg.mesh, the batch is split on the mesh's 'data' axis and the state
+  keeps the shardings of `sharding.state_shardings` (stacked blocks on 'blocks').
   """
   B = cfg.batch_size
   per_pass = n_train // B
-  data_key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
+  mesh = sharding.make_mesh(cfg)
 
   def step(state, images, labels):
     p, i = jnp.divmod(state["step"], per_pass)
+    # Derived from the seed inside the step: a Python-side key would be a host transfer.
+    data_key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
     perm = jax.random.permutation(jax.random.fold_in(data_key, p), n_train)
     idx = lax.dynamic_slice_in_dim(perm, i * B, B)
     x, y = images[idx], labels[idx]
+    if mesh is not None:
+      x, y = sharding.constrain((x, y), sharding.batch_sharding(mesh))
     if cfg.method == "dt":
       if cfg.training == "sequential":
-        return dt.sequential_step(cfg, state, x, y, p % cfg.T)
-      return dt.parallel_step(cfg, state, x, y)
-    return method_module(cfg).train_step(cfg, state, x, y)
+        state, m = dt.sequential_step(cfg, state, x, y, p % cfg.T)
+      else:
+        state, m = dt.parallel_step(cfg, state, x, y)
+    else:
+      state, m = method_module(cfg).train_step(cfg, state, x, y)
+    if mesh is not None:
+      state = sharding.constrain(state, sharding.state_shardings(cfg, mesh, state))
+    return state, m
 
   return jax.jit(step, donate_argnums=0)
+
+
+def _peak_bytes(compiled) -> int | None:
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+
+
+def fit_blocks_per_step(cfg: Config, n_train: int, state, images, labels, fraction: float = 0.9,
+                        limit_bytes: float | None = None) -> tuple[Config, Callable]:
+  """Resolve blocks_per_step 0 (auto): (cfg with it set, the compiled epoch step).
+
+  All T blocks at once is the fastest formulation; where the device reports its
+  memory (GPU/TPU), the largest divisor k of T whose compiled step needs at most
+  `fraction` of it (XLA's memory analysis, per device) is taken instead. On
+  XLA:CPU, which reports no limit, all T. `limit_bytes` overrides the device's
+  limit. Other settings pass through unchanged.
+  """
+  step = make_epoch_step(cfg, n_train)
+  if cfg.method != "dt" or cfg.training != "parallel" or cfg.blocks_per_step:
+    return cfg, step
+  limit = limit_bytes or (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  if not limit:
+    return dataclasses.replace(cfg, blocks_per_step=cfg.resolved_blocks_per_step()), step
+  candidates = [k for k in range(cfg.T, 0, -1) if cfg.T % k == 0
+                and k % cfg.mesh_shape["blocks"] == 0]
+  if cfg.resolved_formulation() == "scan":
+    candidates = [1]
+  need = {}
+  for k in candidates:
+    c = dataclasses.replace(cfg, blocks_per_step=k)
+    compiled = make_epoch_step(c, n_train).lower(state, images, labels).compile()
+    need[k] = _peak_bytes(compiled)
+    if need[k] is None or need[k] <= (fraction * limit if limit_bytes is None else limit):
+      return c, compiled
+  raise MemoryError(
+      f"no blocks_per_step fits in the device's {limit / 2**30:.2f} GiB (use at most "
+      f"{fraction:.0%} of it): "
+      + ", ".join(f"k={k} needs {b / 2**30:.2f} GiB" for k, b in need.items())
+      + "; lower --batch-size or shard the blocks over more devices (--mesh blocks=N)")
 
 
 def make_evaluator(cfg: Config, n: int, runs: int, batch: int = 500) -> Callable:
@@ -132,6 +186,13 @@ def _host_metrics(tree) -> dict[str, Any]:
           for k, v in jax.device_get(tree).items()}
 
 
+def _log(bar, step: int, metrics, ckpt_step: int | None, workdir: Path) -> None:
+  host = jax.device_get(metrics)
+  loss = float(host["loss"])
+  _check_finite(loss, step, ckpt_step, workdir)
+  bar.set_postfix(loss=f"{loss:.4g}", acc=f"{float(np.mean(host['block_accuracy'])):.3f}")
+
+
 def _check_finite(value: float, step: int, ckpt_step: int | None, workdir: Path) -> None:
   if not math.isfinite(value):
     where = (f"the last good checkpoint (step {ckpt_step}) in {workdir / 'checkpoints'} is "
@@ -165,23 +226,31 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
   per_epoch = per_pass * (cfg.T if cfg.training == "sequential" else 1)
   total = per_epoch * cfg.epochs
 
-  train_x, train_y = jax.device_put(ds.train.images), jax.device_put(ds.train.labels)
-  test_x, test_y = jax.device_put(ds.test.images), jax.device_put(ds.test.labels)
+  mesh = sharding.make_mesh(cfg)
+  on = sharding.replicated(mesh) if mesh is not None else None  # whole splits on every device
+  train_x, train_y = jax.device_put(ds.train.images, on), jax.device_put(ds.train.labels, on)
+  test_x, test_y = jax.device_put(ds.test.images, on), jax.device_put(ds.test.labels, on)
   sub = np.random.RandomState(cfg.seed).permutation(n_train)[:TRAIN_EVAL_SIZE]
-  sub_x, sub_y = jax.device_put(ds.train.images[sub]), jax.device_put(ds.train.labels[sub])
+  sub_x, sub_y = jax.device_put(ds.train.images[sub], on), jax.device_put(ds.train.labels[sub], on)
 
   method = method_module(cfg)
   ckpt = Checkpointer(workdir)
   meta = {"step": 0, "train_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
   ckpt_step = ckpt.latest_step()
   # A resumed run restores its embedding: prototypes are only computed for a fresh one.
-  state = init_state(cfg, jax.random.key(cfg.seed),
-                     *((ds.train.images, ds.train.labels) if ckpt_step is None else ()))
+  with jax.transfer_guard("allow"):  # setup builds the state from host values; the loop won't
+    state = init_state(cfg, jax.random.key(cfg.seed),
+                       *((ds.train.images, ds.train.labels) if ckpt_step is None else ()))
+    eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 3)
+    eval_keys = list(jax.random.split(eval_key, cfg.epochs))  # one per epoch, on the device
+    final_key = jax.random.fold_in(eval_key, 10**6)
   params_per_block = method.params_per_block(state)
   if ckpt_step is not None:
     state, meta = ckpt.restore(ckpt_step, state)
     print_fn(f"resuming from checkpoint at step {ckpt_step} (epoch {ckpt_step // per_epoch + 1}, "
              f"{ckpt_step % per_epoch}/{per_epoch} steps into it)")
+  if mesh is not None:
+    state = jax.device_put(state, sharding.state_shardings(cfg, mesh, state))
   start = int(meta["step"])
   start_epoch = start // per_epoch
   metrics_path = workdir / "metrics.jsonl"
@@ -189,14 +258,19 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
           if l.strip() and json.loads(l)["epoch"] <= start_epoch]
   metrics_path.write_text("".join(l + "\n" for l in kept))
 
-  step_fn = make_epoch_step(cfg, n_train)
+  run_cfg, step_fn = fit_blocks_per_step(cfg, n_train, state, train_x, train_y)
   eval_test = make_evaluator(cfg, n_test, cfg.inference_runs)
   eval_train = make_evaluator(cfg, len(sub), 0)
-  eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 3)
   train_seconds = float(meta["train_seconds"])
   if cfg.method == "dt":
     how = (f"T={cfg.T}, {params_per_block:,} parameters per block, {cfg.training} training, "
-           f"formulation={cfg.resolved_formulation()}")
+           f"formulation={run_cfg.resolved_formulation()}"
+           + (f", {run_cfg.resolved_blocks_per_step()} blocks per step"
+              if cfg.training == "parallel" else ""))
+  if cfg.mesh:
+    how += f", mesh {cfg.mesh_shape}"
+  if cfg.precision != "float32":
+    how += f", {cfg.precision} compute"
   elif cfg.method == "backprop":
     how = f"T={cfg.T} chained blocks of {params_per_block:,} parameters, trained end to end"
   else:
@@ -211,32 +285,40 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
   try:
     for epoch in range(start_epoch, cfg.epochs):
       first = max(start, epoch * per_epoch)
-      loss_sum = jnp.asarray(meta["loss_sum"] if first == start else 0.0, jnp.float32)
+      loss_sum = jax.device_put(np.float32(meta["loss_sum"] if first == start else 0.0), on)
       count = int(meta["loss_count"]) if first == start else 0
       bar = tqdm(range(first, (epoch + 1) * per_epoch), initial=first - epoch * per_epoch,
                  total=per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                  leave=False, dynamic_ncols=True)
       t0 = time.perf_counter()
+      pending = None  # the last log step's metrics, on their way to the host
       for step in bar:
         state, m = step_fn(state, train_x, train_y)
         loss_sum, count = loss_sum + m["loss"], count + 1
         done = step + 1
-        if done % log_every == 0 or done % checkpoint_every == 0 or done == stop_at_step:
-          loss = float(m["loss"])
-          _check_finite(loss, done, ckpt.latest_step(), workdir)
-          bar.set_postfix(loss=f"{loss:.4g}", acc=f"{float(jnp.mean(m['block_accuracy'])):.3f}")
+        if done % log_every == 0:
+          # Read the previous interval's metrics (copied meanwhile) and start this one's
+          # copy: the loop never waits on the device just to log.
+          if pending is not None:
+            _log(bar, *pending, ckpt.latest_step(), workdir)
+          pending = (done, {k: m[k] for k in ("loss", "block_accuracy")})
+          for v in pending[1].values():
+            v.copy_to_host_async()
+        if done % checkpoint_every == 0 or done == stop_at_step:
+          # Never save (or stop) past a non-finite loss: check this step's, synchronously.
+          _check_finite(float(jax.device_get(m["loss"])), done, ckpt.latest_step(), workdir)
         if done == stop_at_step:
           return None
         if done % checkpoint_every == 0 and done % per_epoch:
           secs = train_seconds + time.perf_counter() - t0
           ckpt.save(done, state, {"step": done, "train_seconds": secs,
-                                  "loss_sum": float(loss_sum), "loss_count": count})
+                                  "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count})
       bar.close()
-      epoch_loss = float(loss_sum) / max(count, 1)
+      epoch_loss = float(jax.device_get(loss_sum)) / max(count, 1)
       _check_finite(epoch_loss, (epoch + 1) * per_epoch, ckpt.latest_step(), workdir)
       seconds = time.perf_counter() - t0
       train_seconds += seconds
-      k = jax.random.fold_in(eval_key, epoch)
+      k = eval_keys[epoch]
       last = _host_metrics(m)  # the epoch's last step
       record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch, "train_loss": epoch_loss,
                 "seconds": seconds, **{name: v for name, v in last.items() if name != "loss"}}
@@ -265,7 +347,7 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
     ckpt.close()
 
   acc_mean, acc_stoch = jax.device_get(
-      eval_test(state, test_x, test_y, jax.random.fold_in(eval_key, 10**6)))
+      eval_test(state, test_x, test_y, final_key))
   summary = {
       "test_accuracy": float(acc_mean if cfg.inference == "mean" else acc_stoch.mean()),
       "inference": cfg.inference,
@@ -276,7 +358,10 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
       "train_seconds": train_seconds,
       "epochs": cfg.epochs, "steps": total, "n_train": n_train, "n_test": n_test,
       "data_source": ds.source, "backend": jax.default_backend(),
-      "formulation": cfg.resolved_formulation(), "conv_impl": cfg.resolved_conv_impl(),
+      "formulation": run_cfg.resolved_formulation(), "conv_impl": run_cfg.resolved_conv_impl(),
+      **({"blocks_per_step": run_cfg.resolved_blocks_per_step()}
+         if cfg.method == "dt" and cfg.training == "parallel" else {}),
+      "mesh": cfg.mesh_shape, "precision": cfg.precision,
       **({"inference_steps": cfg.inference_steps} if cfg.method != "dt" else {}),
       "config": cfg.to_dict(),
   }

@@ -18,13 +18,13 @@ def strict_dtypes():
 
 _TRACES: list[str] = []
 jax.monitoring.register_event_duration_secs_listener(
-    lambda event, secs, **kw: _TRACES.append(event)
+    lambda event, secs, **kw: _TRACES.append(kw.get("fun_name", event))
     if event == "/jax/core/compile/jaxpr_trace_duration" else None)
 
 
 @pytest.fixture
 def traces() -> list[str]:
-  """Every jaxpr trace (one per compilation of a jitted function) during the test."""
+  """The function name of every jaxpr trace (one per compilation of a jitted function)."""
   _TRACES.clear()
   yield _TRACES
 

@@ -7,8 +7,8 @@ import pytest
 
 from noprop_jax import dt, trainer
 from noprop_jax.config import Config
-from noprop_jax.conv import conv2d
-from noprop_jax.models import init_embedding
+from noprop_jax.conv import conv2d as conv_patches, conv2d_gemm, im2col
+from noprop_jax.models import init_embedding, max_pool_2x2
 
 
 def _params_per_block(**kw) -> int:
@@ -55,8 +55,10 @@ def test_learned_embedding_is_orthogonal():
   np.testing.assert_allclose(W.T @ W, np.eye(20), atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["patches", "gemm"])
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
-def test_patches_conv_has_the_stock_gradient(padding):
+def test_custom_convs_have_the_stock_value_and_gradient(padding, impl):
+  conv2d = {"patches": conv_patches, "gemm": conv2d_gemm}[impl]
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (3, 9, 7, 5))
   w = jax.random.normal(kw, (3, 3, 5, 4))
@@ -74,3 +76,23 @@ def test_patches_conv_has_the_stock_gradient(padding):
   ws = jnp.stack([w, 2 * w])
   got = jax.vmap(jax.grad(f(lambda x, w: conv2d(x, w, padding)), argnums=1), (None, 0))(x, ws)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+def test_im2col_orders_features_as_the_kernel_flattens():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+  p = im2col(x)
+  assert p.shape == (2, 3, 4, 27)
+  i, j, c = 2, 1, 2  # kernel offset (i, j), channel c: feature (i * 3 + j) * C + c
+  np.testing.assert_array_equal(p[:, 1, 2, (i * 3 + j) * 3 + c], x[:, 1 + i, 2 + j, c])
+
+
+@pytest.mark.parametrize("shape", [(2, 26, 26, 3), (2, 9, 9, 4), (1, 5, 4, 2)])
+def test_max_pool_matches_flax_with_floored_odd_sizes(shape):
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(1), shape)
+  want = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  np.testing.assert_array_equal(max_pool_2x2(x), want)
+  g = jax.random.normal(jax.random.key(2), want.shape)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * g))(x)
+  np.testing.assert_array_equal(grad(max_pool_2x2),
+                                grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))
