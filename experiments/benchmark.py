@@ -1,66 +1,401 @@
-"""Time one parallel NoProp-DT step of T blocks against T one-block steps (Algorithm 1).
+"""One NoProp-DT training step in every formulation, side by side, and inference.
 
-  python experiments/benchmark.py                       # MNIST shapes, batch 128, T = 10
-  python experiments/benchmark.py --dataset cifar10 --formulations unroll vmap scan
+  python experiments/benchmark.py                          # MNIST shapes, batch 128, T = 10
+  python experiments/benchmark.py --dataset cifar10 --json # + one JSON line per row
+  python experiments/benchmark.py --cases vmap unroll scan algorithm1 backprop chunks
+  python experiments/benchmark.py --precision bfloat16 --skip-inference
 
-Both are measured side by side in one run (the machine is shared and noisy, so
-compare the ratio rather than absolute times). Random data of the dataset's shape.
+Training rows (random data of the dataset's shape, the paper's architecture):
+all T blocks vmapped or unrolled in one step; chunks of k blocks (vmapped or
+unrolled) scanned over the T / k chunks of the step, for every proper divisor k
+of T (k = 1: a scan); one block per step (the paper's Algorithm 1); the
+back-propagation baseline; and the auto default (the row it resolves to).
+Case keys for --cases (a key or its prefix): vmap, unroll, chunks<k>-vmap,
+chunks<k>-unroll, chunks1-scan (alias scan), algorithm1, backprop, auto;
+'chunks' selects every chunk row.
+
+Each step is compiled ahead of time (compile s = lower + compile) and the
+compiled step is timed: one warm-up step, then --repeats steps (Algorithm 1:
+--repeats x T), each waited for; ms/step is their median. Memory is XLA's
+compiled memory analysis; where the device reports its peak (GPU/TPU) every
+row runs in a fresh process, as that peak never resets (the backend is found
+by a first child process, so this process never holds the device). FLOPs are
+XLA's cost analysis, against a matmul peak measured at the start.
+
+Inference rows: NoProp-DT (auto formulation, mean path) and NoProp-CT/FM
+(Euler, mean path) at --inference-steps solver steps (default 100; the paper
+uses 1000), on a batch of --batch-size images.
 """
 
 import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from noprop_jax import dt
+from noprop_jax import backprop, continuous, dt
 from noprop_jax.config import Config
 
+ALIASES = {"scan": "chunks1-scan", "alg1": "algorithm1"}
+MiB = 2**20
 
-def _time(fn, state, x, y, n):
-  t0 = time.perf_counter()
-  state, m = fn(state, x, y)
-  jax.block_until_ready(m["loss"])
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
+
+# ----------------------------------------------------------------------------- cases
+
+def cases(args) -> dict[str, tuple[str, str, Config]]:
+  """key -> (label, kind, config); kind is 'parallel', 'algorithm1' or 'backprop'."""
+  T = args.T
+  base = dict(dataset=args.dataset, batch_size=args.batch_size, T=T)
+  dt_cfg = lambda **kw: Config.create(**base, precision=args.precision, **kw)
+  out = {"vmap": (f"vmap (all {T} blocks)", "parallel", dt_cfg(formulation="vmap")),
+         "unroll": (f"unroll (all {T} blocks)", "parallel", dt_cfg(formulation="unroll"))}
+  for k in (k for k in range(T - 1, 1, -1) if T % k == 0):
+    for form in ("vmap", "unroll"):
+      out[f"chunks{k}-{form}"] = (f"chunks of {k} ({form})", "parallel",
+                                  dt_cfg(formulation=form, blocks_per_step=k))
+  if T > 1:
+    out["chunks1-scan"] = ("chunks of 1 (scan)", "parallel", dt_cfg(formulation="vmap", blocks_per_step=1))
+  out["algorithm1"] = ("one block per step (Algorithm 1)", "algorithm1", dt_cfg())
+  bp_label = "backprop" + (" (float32)" if args.precision != "float32" else "")
+  out["backprop"] = (bp_label, "backprop", Config.create(method="backprop", **base))
+  out["auto"] = ("auto", "parallel", dt_cfg())
+  return out
+
+
+def select(keys: list[str], wanted: list[str] | None) -> list[str]:
+  """The keys matching any of `wanted` (keys, aliases or prefixes), in table order."""
+  if not wanted:
+    return list(keys)
+  wanted = [ALIASES.get(w, w) for w in wanted]
+  unknown = [w for w in wanted if not any(k.startswith(w) for k in keys)]
+  if unknown:
+    raise SystemExit(f"unknown cases {unknown}; choose from {list(keys)} (or a prefix, or scan)")
+  return [k for k in keys if any(k.startswith(w) for w in wanted)]
+
+
+def resolved(kind: str, cfg: Config) -> str:
+  """What the auto settings resolve to: formulation/blocks per step/conv impl."""
+  k = 1 if kind == "algorithm1" else cfg.resolved_blocks_per_step()
+  return f"{cfg.resolved_formulation()}/{k}/{cfg.resolved_conv_impl()}"
+
+
+def data(cfg: Config):
+  """Random uint8 images and labels of the dataset's shape."""
+  rng = np.random.RandomState(0)
+  x = rng.randint(0, 256, (cfg.batch_size, *cfg.image_shape), dtype=np.uint8)
+  y = rng.randint(0, cfg.num_classes, (cfg.batch_size,)).astype(np.int32)
+  return jnp.asarray(x), jnp.asarray(y)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def timed(fn, state, *args, n: int) -> tuple[float, object]:
+  """(median seconds per call, final state) of `fn(state, *args) -> (state, out)`:
+  one warm-up call, then n calls, each waited for."""
+  state, out = jax.block_until_ready(fn(state, *args))
+  times = []
   for _ in range(n):
-    state, m = fn(state, x, y)
-  jax.block_until_ready(m["loss"])
-  return compile_s, (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    state, out = jax.block_until_ready(fn(state, *args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), state
 
 
-def main(argv=None):
+def xla_memory(compiled) -> tuple[int | None, int | None]:
+  """(temp, peak = arguments + outputs - aliased + temp) bytes, or Nones."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None, None
+  peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+  return m.temp_size_in_bytes, peak
+
+
+def xla_flops(compiled) -> float | None:
+  """FLOPs of one call by XLA's cost analysis (a loop body counts once)."""
+  c = compiled.cost_analysis()
+  if isinstance(c, (list, tuple)):
+    c = c[0] if c else None
+  f = (c or {}).get("flops")
+  return float(f) if f and f > 0 else None
+
+
+def device_peak() -> int | None:
+  """Peak device bytes in use by this process (GPU/TPU), else None."""
+  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  return int(peak) if peak else None
+
+
+def probe(args, specs) -> dict:
+  """The backend, whether it reports a device peak, each case's resolved settings,
+  and the matmul peak: an n x n jitted `a @ b` timed like the steps."""
+  backend = jax.default_backend()
+  n = args.matmul_size or (2048 if backend == "cpu" else 4096)
+  dtype = jnp.bfloat16 if args.precision == "bfloat16" else jnp.float32
+  ka, kb = jax.random.split(jax.random.key(1))
+  a, b = jax.random.normal(ka, (n, n), dtype), jax.random.normal(kb, (n, n), dtype)
+  mm = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+  t, _ = timed(lambda s, a, b: (s, mm(a, b)), None, a, b, n=args.repeats)
+  return {"table": "probe", "backend": backend, "device_kind": jax.devices()[0].device_kind,
+          "has_device_peak": bool((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")),
+          "matmul_size": n, "matmul_dtype": jnp.dtype(dtype).name, "matmul_s": t,
+          "matmul_flops_per_s": 2 * n**3 / t,
+          "resolved": {key: resolved(kind, cfg) for key, (_, kind, cfg) in specs.items()}}
+
+
+def _init_cfg(cfg: Config) -> Config:
+  """The state does not depend on the formulation: one config (one compiled init) for all."""
+  return dataclasses.replace(cfg, formulation="auto", blocks_per_step=0)
+
+
+def train_row(key: str, kind: str, cfg: Config, repeats: int) -> dict:
+  """Compile one training step and time it; raw numbers (derived ones come later)."""
+  x, y = data(cfg)
+  if kind == "backprop":
+    state = backprop.init(cfg, jax.random.key(0))
+    step = jax.jit(partial(backprop.train_step, cfg), donate_argnums=0)
+  elif kind == "algorithm1":
+    state = dt.init(_init_cfg(cfg), jax.random.key(0))
+    step = jax.jit(lambda s, x, y: dt.sequential_step(cfg, s, x, y, s["step"] % cfg.T),
+                   donate_argnums=0)
+  else:
+    state, step = dt.init(_init_cfg(cfg), jax.random.key(0)), dt.make_train_step(cfg)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, x, y).compile()
+  compile_s = time.perf_counter() - t0
+  s_per_step, state = timed(compiled, state, x, y, n=repeats * (cfg.T if kind == "algorithm1" else 1))
+  temp, peak = xla_memory(compiled)
+  # Loops that hold block work (XLA counts their body once): chunks of k < T blocks,
+  # and backprop's chain of blocks, a lax.scan off XLA:CPU.
+  looped = ((kind == "parallel" and cfg.resolved_blocks_per_step() < cfg.T)
+            or (kind == "backprop" and jax.default_backend() != "cpu"))
+  return {"table": "train", "case": key, "kind": kind, "resolved": resolved(kind, cfg),
+          "compile_s": compile_s, "s_per_step": s_per_step, "timed_steps": repeats * (
+              cfg.T if kind == "algorithm1" else 1),
+          "xla_temp_bytes": temp, "xla_peak_bytes": peak, "device_peak_bytes": device_peak(),
+          "flops_xla": xla_flops(compiled), "looped": looped}
+
+
+def inference_rows(args) -> list[dict]:
+  """NoProp-DT (auto, mean path) and NoProp-CT/FM (Euler, mean path) inference."""
+  base = dict(dataset=args.dataset, batch_size=args.batch_size, precision=args.precision)
+  dt_cfg = Config.create(**base, T=args.T)
+  runs = [("dt", f"NoProp-DT ({dt_cfg.resolved_formulation()}/{dt_cfg.resolved_conv_impl()})",
+           dt.predict, dt_cfg, dt.init(dt_cfg, jax.random.key(0)), dt_cfg.T)]
+  for m in ("ct", "fm"):
+    c = Config.create(method=m, inference_steps=args.inference_steps, **base)
+    runs.append((m, f"NoProp-{m.upper()} (Euler)", continuous.predict, c,
+                 continuous.init(c, jax.random.key(0)), c.inference_steps))
+  rows = []
+  for key, label, predict, cfg, state, steps in runs:
+    x, _ = data(cfg)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    compiled = predict.lower(cfg, state, x).compile()
+    compile_s = time.perf_counter() - t0
+    s, _ = timed(lambda st, x: (st, compiled(st, x)), state, x, n=args.repeats)
+    rows.append({"table": "inference", "case": key, "name": label, "solver_steps": steps,
+                 "compile_s": compile_s, "s_per_batch": s, "ms_per_batch": 1e3 * s,
+                 "examples_per_s": args.batch_size / s, "ms_per_solver_step": 1e3 * s / steps,
+                 "batch_size": args.batch_size})
+  return rows
+
+
+def run_unit(unit: str, args, specs) -> list[dict]:
+  """One unit of work in this process: 'probe', 'inference' or a training case key."""
+  if unit == "probe":
+    return [probe(args, specs)]
+  if unit == "inference":
+    return inference_rows(args)
+  _, kind, cfg = specs[unit]
+  return [train_row(unit, kind, cfg, args.repeats)]
+
+
+def run_child(unit: str, args) -> list[dict]:
+  """`run_unit` in a fresh process (its device peak alone); a failure becomes an error row."""
+  cmd = [sys.executable, str(Path(__file__).resolve()), "--case", unit, "--dataset", args.dataset,
+         "--batch-size", str(args.batch_size), "--T", str(args.T), "--repeats", str(args.repeats),
+         "--precision", args.precision, "--inference-steps", str(args.inference_steps)]
+  if args.matmul_size:
+    cmd += ["--matmul-size", str(args.matmul_size)]
+  p = subprocess.run(cmd, capture_output=True, text=True)
+  rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+  if p.returncode or not rows:
+    err = (p.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    if unit == "probe":
+      raise RuntimeError(f"the probe process failed: {p.stderr[-2000:]}")
+    return [{"table": "inference" if unit == "inference" else "train", "case": unit, "error": err}]
+  return rows
+
+
+# ----------------------------------------------------------------------------- derived numbers
+
+def derive(rows: list[dict], specs, info: dict, args) -> None:
+  """Per-row examples/s, ratios and FLOP rates, in place."""
+  T, batch, peak = args.T, args.batch_size, info["matmul_flops_per_s"]
+  ok = {r["case"]: r for r in rows if "error" not in r}
+  # Every NoProp-DT parallel step does the same arithmetic: a chunked one's FLOPs
+  # are those of the loop-free step of all T blocks.
+  ref = next((ok[k]["flops_xla"] for k in ("vmap", "unroll") if k in ok), None)
+  for r in rows:
+    r.update(name=r.get("name") or specs[r["case"]][0], dataset=args.dataset, batch_size=batch,
+             T=T, precision=args.precision, backend=info["backend"], device_kind=info["device_kind"],
+             matmul_peak_flops_per_s=peak)
+    if "error" in r:
+      continue
+    s = r["s_per_step"]
+    passes = T if r["kind"] == "algorithm1" else 1  # steps for every block to see the batch once
+    r.update(ms_per_step=1e3 * s, steps_per_s=1 / s, examples_per_s=batch / (passes * s))
+    if r["kind"] == "algorithm1":
+      r.update(s_per_T_steps=T * s, ms_per_T_steps=1e3 * T * s)
+    if r["looped"]:
+      r["flops"], r["flops_source"] = ((ref, "loop-free step of all T blocks") if r["kind"] == "parallel"
+                                       else (r["flops_xla"], "lower bound: a loop body counted once"))
+    else:
+      r["flops"], r["flops_source"] = r["flops_xla"], "xla"
+    f = r["flops"]
+    r["flops_per_s"] = f / s if f else None
+    r["frac_matmul_peak"] = f / s / peak if f else None
+    to_mib = lambda b: b / MiB if b is not None else None
+    r.update(xla_temp_mib=to_mib(r["xla_temp_bytes"]), xla_peak_mib=to_mib(r["xla_peak_bytes"]),
+             device_peak_mib=to_mib(r["device_peak_bytes"]))
+  alg1, vmap = ok.get("algorithm1"), ok.get("vmap")
+  for r in ok.values():
+    r["x_algorithm1"] = r["examples_per_s"] / alg1["examples_per_s"] if alg1 else None
+    r["temp_x_vmap"] = (r["xla_temp_bytes"] / vmap["xla_temp_bytes"]
+                        if vmap and vmap["xla_temp_bytes"] and r["xla_temp_bytes"] is not None else None)
+
+
+# ----------------------------------------------------------------------------- table
+
+def fmt(v, spec: str, width: int, na: str = "n/a") -> str:
+  return f"{na:>{width}}" if v is None else f"{v:>{width}{spec}}"
+
+
+def train_table(rows: list[dict], info: dict, args) -> str:
+  cols = (f"{'case':34} {'resolved':17} {'compile s':>9} {'ms/step':>9} {'examples/s':>10} "
+          f"{'x Alg. 1':>8} {'temp MiB':>9} {'x vmap':>6} {'peak MiB':>9} {'dev. MiB':>9} "
+          f"{'GFLOP/step':>10} {'GFLOP/s':>8} {'% matmul':>8}")
+  out = [f"NoProp-DT training step: backend {info['backend']} ({info['device_kind']}), "
+         f"{args.dataset} shapes, batch {args.batch_size}, T={args.T}, {args.precision}, "
+         f"matmul peak {info['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
+         f"({info['matmul_size']}^2 {info['matmul_dtype']})", cols, "-" * len(cols)]
+  for r in rows:
+    if "error" in r:
+      out.append(f"{r['name']:34} failed: {r['error']}")
+      continue
+    g = lambda f: f / 1e9 if f else None
+    mark = {"xla": " ", "loop-free step of all T blocks": "*"}.get(r["flops_source"], ">")
+    pct = 100 * r["frac_matmul_peak"] if r["frac_matmul_peak"] else None
+    line = lambda name, ms, comp, flops: (
+        f"{name:34} {r['resolved']:17} {comp} {ms:9.1f} {r['examples_per_s']:10.1f} "
+        f"{fmt(r['x_algorithm1'], '.2f', 8)} {fmt(r['xla_temp_mib'], '.1f', 9)} "
+        f"{fmt(r['temp_x_vmap'], '.2f', 6)} {fmt(r['xla_peak_mib'], '.1f', 9)} "
+        f"{fmt(r['device_peak_mib'], '.1f', 9)} {fmt(g(flops), '.2f', 9)}{mark if flops else ' '} "
+        f"{fmt(g(r['flops_per_s']), '.1f', 8)} {fmt(pct, '.1f', 8)}")
+    out.append(line(r["name"], r["ms_per_step"], f"{r['compile_s']:9.1f}", r["flops"]))
+    if r["kind"] == "algorithm1":
+      out.append(line(f"  x T = {args.T} steps (T block updates)", r["ms_per_T_steps"], f"{'':9}",
+                      r["flops"] and args.T * r["flops"]))
+  out += [
+      f"ms/step: median of --repeats ({args.repeats}) steps, each waited for, after a warm-up "
+      f"(Algorithm 1: of {args.repeats} x T steps); compile s: lower + compile.",
+      "examples/s: batch / time for every block to train on the batch once: batch / t_step, "
+      "and batch / (T t_step) for Algorithm 1 (T of its steps = one parallel step's block updates).",
+      "x Alg. 1: examples/s over Algorithm 1's. temp, peak: XLA's memory analysis (peak = arguments "
+      "+ outputs - aliased + temp); x vmap: temp over vmap's; dev.: the device's peak_bytes_in_use, "
+      "one process per row (n/a: not reported, e.g. CPU).",
+      "GFLOP/step: XLA's cost analysis; * a step with a loop over chunks, whose body XLA counts once: "
+      "the loop-free all-T step's FLOPs (the same arithmetic); > a lower bound (loop body once). "
+      "% matmul: GFLOP/s over the matmul peak."]
+  return "\n".join(out)
+
+
+def inference_table(rows: list[dict], args) -> str:
+  cols = (f"{'inference (mean path)':34} {'solver steps':>12} {'compile s':>9} {'ms/batch':>9} "
+          f"{'examples/s':>10} {'ms/solver step':>14}")
+  out = [f"Inference on a batch of {args.batch_size}: DT's T denoising steps (after the T image "
+         f"pathways); CT/FM: {args.inference_steps} Euler steps (the paper uses 1000), image term "
+         "computed once", cols, "-" * len(cols)]
+  for r in rows:
+    if "error" in r:
+      out.append(f"{r['case']:34} failed: {r['error']}")
+      continue
+    out.append(f"{r['name']:34} {r['solver_steps']:12d} {r['compile_s']:9.1f} "
+               f"{r['ms_per_batch']:9.1f} {r['examples_per_s']:10.1f} {r['ms_per_solver_step']:14.3f}")
+  out.append("ms/batch: median of --repeats calls after a warm-up; ms/solver step: ms/batch over "
+             "the solver steps.")
+  return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dataset", default="mnist")
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--T", type=int, default=10)
-  p.add_argument("--formulations", nargs="+", default=["auto"])
-  p.add_argument("--repeats", type=int, default=3, help="timed parallel steps (x T one-block steps)")
+  p.add_argument("--batch-size", type=int, default=128, help="paper: 128")
+  p.add_argument("--T", type=int, default=10, help="blocks (paper: 10)")
+  p.add_argument("--repeats", type=int, default=5, help="timed steps per row (Algorithm 1: x T)")
+  p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--cases", nargs="+", default=None, help="case keys or prefixes (default: all)")
+  p.add_argument("--skip-inference", action="store_true")
+  p.add_argument("--inference-steps", type=int, default=100, help="CT/FM Euler steps (paper: 1000)")
+  p.add_argument("--json", action="store_true", help="also print one JSON object per row")
+  p.add_argument("--matmul-size", type=int, default=None, help="default 4096 (GPU/TPU), 2048 (CPU)")
+  p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process: one unit
+  p.add_argument("--isolate", default="auto", choices=["auto", "always", "never"],
+                 help=argparse.SUPPRESS)  # fresh process per row: where a device peak is reported
   args = p.parse_args(argv)
-  base = dict(dataset=args.dataset, batch_size=args.batch_size, T=args.T)
-  cfg = Config.create(**base)
-  kx, ky = jax.random.split(jax.random.key(0))
-  x = jax.random.uniform(kx, (args.batch_size, *cfg.image_shape))
-  y = jax.random.randint(ky, (args.batch_size,), 0, cfg.num_classes)
-  print(f"backend {jax.default_backend()}, {args.dataset} shapes, batch {args.batch_size}, T={args.T}")
+  specs = cases(args)
+  if args.case:
+    for row in run_unit(args.case, args, specs):
+      print(json.dumps(row))
+    return 0
+  keys = select(list(specs), args.cases)
 
-  seq = jax.jit(lambda s, x, y: dt.sequential_step(cfg, s, x, y, s["step"] % cfg.T),
-                donate_argnums=0)
-  c, t_one = _time(seq, dt.init(cfg, jax.random.key(0)), x, y, args.repeats * args.T)
-  print(f"{'one block per step (Algorithm 1)':40s} compile {c:6.1f}s  {t_one:7.3f}s/step  "
-        f"x T = {t_one * args.T:7.3f}s")
-  for form in args.formulations:
-    cfg_f = Config.create(**base, formulation=form)
-    c, t_par = _time(dt.make_train_step(cfg_f), dt.init(cfg_f, jax.random.key(0)), x, y,
-                     args.repeats)
-    name = f"all {args.T} blocks, {cfg_f.resolved_formulation()}/{cfg_f.resolved_conv_impl()}"
-    print(f"{name:40s} compile {c:6.1f}s  {t_par:7.3f}s/step  ratio to T one-block steps "
-          f"{t_par / (t_one * args.T):.2f}")
+  # The probe runs in a child so that this process holds no device while rows run in theirs.
+  info = run_unit("probe", args, specs)[0] if args.isolate == "never" else run_child("probe", args)[0]
+  isolate = args.isolate == "always" or (args.isolate == "auto" and info["has_device_peak"])
+  run = (lambda unit: run_child(unit, args)) if isolate else (lambda unit: run_unit(unit, args, specs))
+  res = info["resolved"]
+  # auto reuses the row it resolves to where that row is measured anyway.
+  same = next((k for k in keys if k != "auto" and specs[k][1] == "parallel" and res[k] == res["auto"]),
+              None)
+  rows = []
+  for key in keys:
+    if key == "auto" and same:
+      continue
+    rows += run(key)
+  if "auto" in keys:
+    form, k, _ = res["auto"].split("/")
+    auto = dict(next(r for r in rows if r["case"] == same), reused=same) if same else \
+        next(r for r in rows if r["case"] == "auto")
+    rows.append(dict(auto, case="auto", name=f"auto (= {form}/{k})"))
+  derive(rows, specs, info, args)
+  print(train_table(rows, info, args))
+  inf = [] if args.skip_inference else run("inference")
+  for r in inf:
+    r.update(backend=info["backend"], device_kind=info["device_kind"], dataset=args.dataset,
+             precision=args.precision)
+  if inf:
+    print()
+    print(inference_table(inf, args))
+  if args.json:
+    for r in rows + inf:
+      print(json.dumps(r))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

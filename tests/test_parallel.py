@@ -43,9 +43,10 @@ def test_every_blocks_per_step_setting_trains_to_the_same_parameters():
         # Biases whose constant shift a later BatchNorm removes get a zero gradient up to
         # float noise; Adam turns that noise into steps of up to ~1e-4: not comparable. Trained
         # parameters move ~lr = 1e-3 per step; those biases also shift BatchNorm means by
-        # ~1e-4 of their scale, hence the tolerance.
+        # ~1e-4 of their scale, and Adam amplifies float noise in any near-zero gradient
+        # component to a step of up to lr, hence 2e-3 of the scale plus 1% of one step.
         continue
-      np.testing.assert_allclose(b, a, rtol=0, atol=2e-3 * scale,
+      np.testing.assert_allclose(b, a, rtol=0, atol=2e-3 * scale + 1e-5,
                                  err_msg=f"{kw}: {jax.tree_util.keystr(path)}")
     np.testing.assert_allclose(m["block_loss"], m_ref["block_loss"], rtol=1e-4)
 

@@ -1,0 +1,88 @@
+"""Run by tests/test_mesh.py in a fresh process: 8 simulated CPU devices need XLA_FLAGS
+before JAX starts. Prints one JSON object with what the test asserts."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from noprop_jax import data, sharding, trainer  # noqa: E402
+from noprop_jax.config import Config  # noqa: E402
+
+DIGITS = data.load("digits")
+N = len(DIGITS.train.labels)
+
+
+def run(cfg: Config, steps: int = 3):
+  """`steps` training steps of the trainer's jitted epoch step, on cfg.mesh."""
+  mesh = sharding.make_mesh(cfg)
+  state = trainer.init_state(cfg, jax.random.key(0))
+  on = None
+  if mesh is not None:
+    state = jax.device_put(state, sharding.state_shardings(cfg, mesh, state))
+    on = sharding.replicated(mesh)
+  x, y = jax.device_put(DIGITS.train.images, on), jax.device_put(DIGITS.train.labels, on)
+  step = trainer.make_epoch_step(cfg, N)
+  for _ in range(steps):
+    state, m = step(state, x, y)
+  return state, m
+
+
+def max_diff(a_tree, b_tree) -> float:
+  """max |a - b| / tolerance over the leaves training moves; <= 1 is a match.
+
+  The tolerance (as tests/test_parallel.py): 2e-3 of the leaf's scale plus 1% of
+  one Adam step (lr = 1e-3), since Adam turns float noise in a near-zero gradient
+  into a step of up to lr. Leaves below 1e-3 are biases BatchNorm makes irrelevant.
+  """
+  worst = 0.0
+  for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.abs(a).max() if a.size else 0.0
+    if scale >= 1e-3:
+      worst = max(worst, float(np.abs(a - b).max() / (2e-3 * scale + 1e-5)))
+  return worst
+
+
+def main():
+  out = {"devices": len(jax.devices())}
+  base = Config.create(dataset="digits", T=4, batch_size=64, formulation="vmap")
+  ref, m_ref = run(base)
+  for mesh, k in (("blocks=4,data=2", 0), ("blocks=2,data=4", 2)):
+    cfg = dataclasses.replace(base, mesh=mesh, blocks_per_step=k)
+    cfg.validate()
+    state, m = run(cfg)
+    leaf = state["blocks"]["params"]["image"]["Conv_0"]["kernel"]
+    out[f"dt {mesh} k={k}"] = {
+        "diff": max_diff(ref, state),
+        "loss_diff": abs(float(m["loss"]) - float(m_ref["loss"])) / abs(float(m_ref["loss"])),
+        "devices": len(leaf.sharding.device_set),
+        "blocks_per_device": [int(sh.data.shape[0]) for sh in leaf.addressable_shards],
+        "opt_blocks_per_device": [int(sh.data.shape[0]) for sh in
+                                  jax.tree.leaves(state["opt_blocks"])[0].addressable_shards],
+        "head_replicated": all(sh.data.shape == state["shared"]["head"]["kernel"].shape
+                               for sh in state["shared"]["head"]["kernel"].addressable_shards)}
+  for method in ("ct",):
+    c = Config.create(method=method, dataset="digits", batch_size=64)
+    ref_c, _ = run(c)
+    state, _ = run(dataclasses.replace(c, mesh="data=8"))
+    out[f"{method} data=8"] = {"diff": max_diff(ref_c, state)}
+  with tempfile.TemporaryDirectory() as d:
+    cfg = Config.create(dataset="digits", T=2, epochs=1, inference_runs=1, mesh="blocks=2,data=4")
+    s = trainer.train(cfg, d, dataset=DIGITS, progress=False, print_fn=lambda _: None)
+    out["train blocks=2,data=4"] = {"test_accuracy": s["test_accuracy"], "mesh": s["mesh"]}
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
