@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   a("--fm-sigma", type=float, default=None, help="FM: noise std around the straight path (default 0)")
   a("--gamma-0-init", type=float, default=None, help="CT: initial gamma at t=1, the label end (default -3.5)")
   a("--gamma-1-init", type=float, default=None, help="CT: initial gamma at t=0, the noise end (default 3.5)")
+  a("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() "
+    "first (TPU pods, SLURM/Open MPI GPU clusters find the coordinator themselves); run the "
+    "same command on every host, with the same --workdir on a shared filesystem")
   a("--workdir", default="runs/default", help="checkpoints, metrics.jsonl, summary.json")
   a("--checkpoint-every", type=int, default=200, help="also checkpoint every N steps mid-epoch")
   a("--no-progress", action="store_true", help="no progress bar")
@@ -74,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.distributed:
+    import jax
+
+    jax.distributed.initialize()  # before anything touches a backend
   names = ("method", "dataset", "embedding", "embedding_dim", "classifier", "radial_sigma", "T", "epochs", "batch_size", "lr",
            "weight_decay", "eta", "grad_clip", "dropout", "seed", "training", "formulation",
            "blocks_per_step", "mesh", "precision", "conv_impl", "inference", "inference_runs", "eval_every", "inference_steps", "ct_sampler", "fm_sigma",

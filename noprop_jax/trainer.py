@@ -212,6 +212,11 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  # On several hosts (jax.distributed.initialize), every process runs this loop on its
+  # own devices and takes part in checkpointing; only process 0 writes the run's files.
+  primary = jax.process_index() == 0
+  if not primary:
+    print_fn = lambda _: None
   guard_config(workdir, cfg.to_dict(), Config().to_dict())
   ds = dataset if dataset is not None else load(cfg.dataset, data_dir, verify=verify)
   if ds.num_classes != cfg.num_classes:
@@ -256,7 +261,8 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
   metrics_path = workdir / "metrics.jsonl"
   kept = [l for l in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
           if l.strip() and json.loads(l)["epoch"] <= start_epoch]
-  metrics_path.write_text("".join(l + "\n" for l in kept))
+  if primary:
+    metrics_path.write_text("".join(l + "\n" for l in kept))
 
   run_cfg, step_fn = fit_blocks_per_step(cfg, n_train, state, train_x, train_y)
   eval_test = make_evaluator(cfg, n_test, cfg.inference_runs)
@@ -267,16 +273,16 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
            f"formulation={run_cfg.resolved_formulation()}"
            + (f", {run_cfg.resolved_blocks_per_step()} blocks per step"
               if cfg.training == "parallel" else ""))
-  if cfg.mesh:
-    how += f", mesh {cfg.mesh_shape}"
-  if cfg.precision != "float32":
-    how += f", {cfg.precision} compute"
   elif cfg.method == "backprop":
     how = f"T={cfg.T} chained blocks of {params_per_block:,} parameters, trained end to end"
   else:
     how = (f"one time-conditioned block of {params_per_block:,} parameters, "
            f"{cfg.inference_steps} Euler steps at inference"
            + (" and in training (adjoint method)" if cfg.method == "adjoint" else ""))
+  if cfg.mesh:
+    how += f", mesh {cfg.mesh_shape}"
+  if cfg.precision != "float32":
+    how += f", {cfg.precision} compute"
   name = {"backprop": "Backprop baseline", "adjoint": "Adjoint baseline"}.get(
       cfg.method, f"NoProp-{cfg.method.upper()}")
   print_fn(f"{name} on {ds.name} ({n_train} train / {n_test} test, from "
@@ -332,8 +338,9 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
                        "test_accuracy_mean_path": float(acc_mean),
                        "test_accuracy_stochastic": float(acc_stoch.mean()),
                        "eval_seconds": time.perf_counter() - t_eval})
-      with metrics_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+      if primary:
+        with metrics_path.open("a") as f:
+          f.write(json.dumps(record) + "\n")
       ckpt.save((epoch + 1) * per_epoch, state,
                 {"step": (epoch + 1) * per_epoch, "train_seconds": train_seconds,
                  "loss_sum": 0.0, "loss_count": 0})
@@ -365,5 +372,6 @@ def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify:
       **({"inference_steps": cfg.inference_steps} if cfg.method != "dt" else {}),
       "config": cfg.to_dict(),
   }
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  if primary:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary

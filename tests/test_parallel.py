@@ -134,7 +134,8 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_state():
 def test_training_loop_has_no_hidden_host_transfers_and_compiles_each_step_once(tmp_path, traces):
   """All of `train` (steps, logging, checkpoints, evaluation) under transfer_guard('disallow');
   three epochs trace no more functions than one (nothing recompiles per epoch or step)."""
-  kw = dict(dataset=DIGITS, progress=False, print_fn=lambda s: None, log_every=3,
+  lines = []
+  kw = dict(dataset=DIGITS, progress=False, print_fn=lines.append, log_every=3,
             checkpoint_every=5)
   cfg = Config.create(dataset="digits", T=2, inference_runs=2, epochs=1)
   counts = {}
@@ -148,3 +149,5 @@ def test_training_loop_has_no_hidden_host_transfers_and_compiles_each_step_once(
   assert counts[3]["evaluate"] == 2  # the test split and the train subset (two sizes)
   assert counts[3] == counts[1], "more epochs must not compile anything more"
   assert s["steps"] == 33 and np.isfinite(s["test_accuracy"])
+  assert "NoProp-DT" in lines[0] and "T=2" in lines[0] and "2 blocks per step" in lines[0]
+  assert s["blocks_per_step"] == 2 and s["precision"] == "float32"
