@@ -379,9 +379,9 @@ def main(argv=None) -> int:
     rows += run(key)
   if "auto" in keys:
     form, k, _ = res["auto"].split("/")
-    auto = dict(next(r for r in rows if r["case"] == same), reused=same) if same else \
-        next(r for r in rows if r["case"] == "auto")
-    rows.append(dict(auto, case="auto", name=f"auto (= {form}/{k})"))
+    if same:
+      rows.append(dict(next(r for r in rows if r["case"] == same), case="auto", reused=same))
+    rows[-1]["name"] = f"auto (= {form}/{k})"  # auto is the last case
   derive(rows, specs, info, args)
   print(train_table(rows, info, args))
   inf = [] if args.skip_inference else run("inference")
