@@ -1,7 +1,14 @@
-"""NoProp in JAX: networks trained as independent denoising blocks."""
+"""NoProp in JAX: networks trained as independent denoising blocks.
 
-from noprop_jax import continuous, data, dt, schedule, solvers
-from noprop_jax.config import Config
+One module per method (`dt`, `ct`, `fm`, and the baselines `backprop`, `adjoint`), each
+with a `Model` (your Flax block, the input shape, the number of classes, the method's
+settings), `init`, `loss`, `train_step` / `make_train_step`, `predict` and `eval_counts`.
+`core` holds what they share, `blocks` the provided blocks.
+"""
 
-__all__ = ["Config", "continuous", "data", "dt", "schedule", "solvers"]
-__version__ = "0.1.0"
+from noprop_jax import adjoint, backprop, blocks, core, ct, data, dt, fm, schedule, solvers
+from noprop_jax.core import Compute, Optim
+
+__all__ = ["Compute", "Optim", "adjoint", "backprop", "blocks", "core", "ct", "data", "dt", "fm",
+           "schedule", "solvers"]
+__version__ = "0.2.0"

@@ -1,185 +1,149 @@
-"""The back-propagation baseline (paper Eq. 17-19) as pure functions.
+"""The back-propagation baseline (paper Eq. 17-19): NoProp-DT's T blocks chained as one
+network and trained end to end on cross-entropy.
 
-The same T blocks and head as NoProp-DT, chained as an ordinary network:
   z_0 ~ N(0, I),  z_t = (1 - alpha_t) z_{t-1} + alpha_t u_hat_t(z_{t-1}, x),
   u_hat_t = softmax(block_t(x, z_{t-1})) @ W_embed,  alpha_t = tanh(w_t) (learned),
-  p(y | x) = softmax(W_out z_T + b_out),
-trained end to end on cross-entropy with AdamW: the gradient of block t
-flows back through blocks t+1..T, unlike NoProp's.
+  p(y | x) = softmax(W_out z_T + b_out).
 
-State is a plain pytree:
-  step         int32 scalar
-  params       {'blocks' (stacked on T), 'w' [T], 'head', 'embed' (learned/prototype)}
-  batch_stats  BatchNorm statistics, stacked on T
-  opt          optimizer state of `params`
+Unlike NoProp's, block t's gradient flows back through blocks t+1..T.
+State: {'step', 'rng', 'params': {'blocks' (stacked on T), 'w' [T], 'head', 'embed'
+(unless one-hot)}, 'stats' (the blocks' other collections, e.g. BatchNorm, stacked), 'opt'}.
 """
 
+import dataclasses
+import math
 from functools import partial
-from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
-from jax import lax
 
-from noprop_jax import dt
-from noprop_jax.config import Config
-from noprop_jax.models import DTBlock, count_params
+from noprop_jax import core
+from noprop_jax.core import Compute, Metrics, Optim, State
 
-State = dict[str, Any]
-Metrics = dict[str, jax.Array]
-
+NAME = "Backprop baseline"
+STACKED = ()
+TIME_CONDITIONED = False  # blocks are (x, z) -> logits
 W_INIT = 0.5  # alpha_t = tanh(0.5) = 0.46: every block starts with a real share of z_T
 
 
-# AdamW after clipping by the global norm (paper Table 4): NoProp-DT's optimizer, here
-# applied to the whole network at once, so one network has one norm.
-optimizer = dt.optimizer
+@dataclasses.dataclass(frozen=True)
+class Model:
+  block: nn.Module  # (x, z) -> logits [B, num_classes], as for NoProp-DT
+  input_shape: tuple[int, ...]  # one input's shape
+  num_classes: int  # m
+  T: int = 10  # number of chained blocks
+  embedding: str = "onehot"  # class embedding: onehot | learned | prototype
+  embedding_dim: int = 0  # d; 0: m (onehot), the input size (prototype), 20 (learned)
+
+  def __post_init__(self):
+    object.__setattr__(self, "input_shape", tuple(self.input_shape))
+    if self.T < 1 or self.num_classes < 2:
+      raise ValueError(f"need T >= 1 and num_classes >= 2, got {self.T}, {self.num_classes}")
+    self.dim  # validates the embedding
+
+  @property
+  def dim(self) -> int:
+    return core.embedding_dim(self.embedding, self.embedding_dim, self.num_classes,
+                              math.prod(self.input_shape))
 
 
-@partial(jax.jit, static_argnums=0)  # eager, flax init dispatches op by op: ~10x slower
-def init(cfg: Config, key: jax.Array, embed: jax.Array | None = None) -> State:
-  """T independently initialised blocks, w = W_INIT, embedding, `init_head`, optimizer.
+def optimizer(optim: Optim):
+  """AdamW after clipping by the global norm (paper Table 4): one network, one norm."""
+  return core.adamw(optim)
 
-  `embed`: the initial prototype embedding [m, H*W*C] (embedding 'prototype' only).
-  """
-  k_blocks, k_embed = jax.random.split(key)
-  model = dt.make_model(cfg)
-  x = jnp.zeros((1, *cfg.image_shape), jnp.float32)
-  z = jnp.zeros((1, cfg.embedding_dim), jnp.float32)
-  variables = jax.vmap(lambda k: model.init({"params": k}, x, z, train=False))(
-      jax.random.split(k_blocks, cfg.T))
-  params = {"blocks": variables["params"], "w": jnp.full((cfg.T,), W_INIT, jnp.float32)}
-  W = dt.initial_embedding(cfg, k_embed, embed)
+
+@partial(jax.jit, static_argnames=("model", "optim"))  # eager flax init is ~10x slower
+def init(model: Model, key: jax.Array, optim: Optim = Optim(), embed: jax.Array | None = None) -> State:
+  """T independently initialised blocks, w = W_INIT, the embedding, a readout head."""
+  k_blocks, k_embed = jax.random.split(jax.random.fold_in(key, 0))
+  x = jnp.zeros((1, *model.input_shape), jnp.float32)
+  z = jnp.zeros((1, model.dim), jnp.float32)
+  variables = jax.vmap(lambda k: core.init_block(model.block, k, x, z))(
+      jax.random.split(k_blocks, model.T))
+  params = {"blocks": variables.pop("params"), "w": jnp.full((model.T,), W_INIT, jnp.float32)}
+  W = core.init_embedding(model.embedding, k_embed, model.num_classes, model.dim, embed)
   if W is not None:
     params["embed"] = W
-  params["head"] = init_head(dt.embedding_matrix(params, cfg))
-  return {"step": jnp.zeros((), jnp.int32), "params": params,
-          "batch_stats": variables["batch_stats"], "opt": optimizer(cfg).init(params)}
+  params["head"] = core.readout_head(core.embedding_matrix(params, model.num_classes))
+  return {"step": jnp.zeros((), jnp.int32), "rng": core.new_rng(key), "params": params,
+          "stats": variables, "opt": optimizer(optim).init(params)}
 
 
-HEAD_SCALE = 10.0
-
-
-def init_head(W_MD: jax.Array) -> dict:
-  """A head that starts as a nearest-embedding readout, logits_c = 10 <u_c, z> / mean ||u||^2.
-
-  Unlike NoProp's, this head is trained only through the network's own z_T, whose
-  entries stay within the embeddings' range (a convex mix for one-hot). From zero no
-  gradient reaches the blocks; from a LeCun-normal init AdamW at 1e-3 needs thousands
-  of steps to grow logits that separate classes (87.6% after one MNIST epoch); from
-  this init the blocks get a useful gradient at once.
-  """
-  scale = HEAD_SCALE / jnp.mean(jnp.sum(W_MD**2, axis=-1))
-  return {"kernel": scale * W_MD.T, "bias": jnp.zeros((W_MD.shape[0],), jnp.float32)}
-
-
-def params_per_block(state: State) -> int:
+def num_block_params(state: State) -> int:
   blocks = state["params"]["blocks"]
-  return count_params(blocks) // jax.tree.leaves(blocks)[0].shape[0]
+  return core.count_params(blocks) // core.num_stacked(blocks)
 
 
-def head_logits(params, z: jax.Array) -> jax.Array:
-  """The linear classifier W_out z + b_out."""
-  return z @ params["head"]["kernel"] + params["head"]["bias"][None, :]
-
-
-def _chain(cfg: Config, step: Callable, z0: jax.Array, xs) -> tuple[jax.Array, Any]:
-  """Fold `step(z, x_t) -> (z, out_t)` over the T stacked blocks, in order.
-
-  Unrolled on XLA:CPU (conv weight gradients inside loops are slow there,
-  DESIGN.md section 10), `lax.scan` elsewhere (one block's code, compiled once).
-  """
-  if jax.default_backend() != "cpu":
-    return lax.scan(step, z0, xs)
-  outs, z = [], z0
-  for i in range(cfg.T):
-    z, out = step(z, jax.tree.map(lambda a: a[i], xs))
-    outs.append(out)
-  return z, jax.tree.map(lambda *o: jnp.stack(o), *outs)
-
-
-def forward(cfg: Config, params, batch_stats, x: jax.Array, z0: jax.Array, train: bool,
-            key: jax.Array | None = None) -> tuple[jax.Array, Any]:
-  """(class logits [B, m], new batch_stats) of the chained network (Eq. 17-19)."""
-  model = dt.make_model(cfg)
-  W = dt.embedding_matrix(params, cfg)
-  alpha = jnp.tanh(params["w"])
-  keys = (jax.random.split(key, cfg.T) if train else jnp.zeros((cfg.T,), jnp.uint32))
+def forward(model: Model, compute: Compute, params: dict, stats: dict, x: jax.Array,
+            z0: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """(class logits [B, m], updated stats) of the chained network (Eq. 17-19); training
+  mode (dropout, batch statistics) when `key` is given."""
+  W = core.embedding_matrix(params, model.num_classes)
+  train = key is not None
+  keys = jax.random.split(key, model.T) if train else jnp.arange(model.T)
 
   def step(z, inp):
-    p, s, a, k = inp
-    if train:
-      logits, mut = model.apply({"params": p, "batch_stats": s}, x, z, train=True,
-                                rngs={"dropout": k}, mutable=["batch_stats"])
-      s = mut["batch_stats"]
-    else:
-      logits = model.apply({"params": p, "batch_stats": s}, x, z, train=False)
-    return (1.0 - a) * z + a * (jax.nn.softmax(logits) @ W), s
+    variables, alpha, k = inp
+    logits, updates = core.apply(model.block, variables, x, z, train=train,
+                                 rng=k if train else None)
+    return (1.0 - alpha) * z + alpha * (jax.nn.softmax(logits) @ W), updates
 
-  z_T, new_stats = _chain(cfg, step, z0, (params["blocks"], batch_stats, alpha, keys))
-  return head_logits(params, z_T), new_stats
+  xs = ({**stats, "params": params["blocks"]}, jnp.tanh(params["w"]), keys)
+  z_T, updates = core.fold_blocks(step, z0, xs, compute)
+  return core.head_logits(params["head"], z_T), updates
 
 
-def loss_fn(cfg: Config, params, batch_stats, x, y, key):
-  """Cross-entropy of the whole chain from z_0 ~ N(0, I). Returns (loss, (stats, metrics))."""
+def loss(model: Model, compute: Compute, params: dict, stats: dict, x: jax.Array,
+         y: jax.Array, key: jax.Array):
+  """Cross-entropy of the whole chain from z_0 ~ N(0, I). Returns (loss, (metrics, updated stats))."""
   k0, k_drop = jax.random.split(key)
-  z0 = jax.random.normal(k0, (x.shape[0], cfg.embedding_dim))
-  logits, new_stats = forward(cfg, params, batch_stats, x, z0, True, k_drop)
-  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+  z0 = jax.random.normal(k0, (x.shape[0], model.dim))
+  logits, updates = forward(model, compute, params, stats, x, z0, k_drop)
+  ce = core.cross_entropy(logits, y)
   acc = jnp.mean(jnp.argmax(logits, -1) == y)
-  return ce, (new_stats, {"ce": ce, "accuracy": acc, "block_accuracy": acc})
+  return ce, ({"ce": ce, "accuracy": acc, "block_accuracy": acc}, updates)
 
 
-def train_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tuple[State, Metrics]:
+def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
+               y: jax.Array) -> tuple[State, Metrics]:
   """One AdamW step of the whole network on one batch."""
-  x = dt.to_float(x)
-  (loss, (stats, m)), g = jax.value_and_grad(partial(loss_fn, cfg), has_aux=True)(
-      state["params"], state["batch_stats"], x, y, dt.step_key(cfg, state["step"]))
-  upd, opt = optimizer(cfg).update(g, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], upd)
-  new_state = {"step": state["step"] + 1, "params": params, "batch_stats": stats, "opt": opt}
-  return new_state, {"loss": loss, "alpha": jnp.tanh(params["w"]), **m}
+  def objective(params, state, x, y, key):
+    value, (metrics, stats) = loss(model, compute, params, state["stats"], x, y, key)
+    return value, (metrics, {"stats": {**state["stats"], **stats}})
+
+  state, value, m = core.gradient_step(objective, optimizer(optim), state, x, y)
+  return state, {"loss": value, "alpha": jnp.tanh(state["params"]["w"]), **m}
 
 
-def make_train_step(cfg: Config) -> Callable[[State, jax.Array, jax.Array], tuple[State, Metrics]]:
+def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Compute()):
   """Jitted `(state, x, y) -> (state, metrics)`; donates `state`."""
-  return jax.jit(partial(train_step, cfg), donate_argnums=0)
+  return core.jit_step(train_step, model, optim, compute.resolve(model.T))
 
 
-def initial_z(cfg: Config, batch: int, key: jax.Array | None, mode: str | None) -> jax.Array:
-  """z_0 for inference: 0 for mode 'mean' (cfg.inference by default), N(0, I) for
-  'stochastic' (needs `key`)."""
-  mode = mode or cfg.inference
-  shape = (batch, cfg.embedding_dim)
-  if mode == "mean":
-    return jnp.zeros(shape)
-  if mode == "stochastic":
-    if key is None:
-      raise ValueError("stochastic inference needs a PRNG key")
-    return jax.random.normal(key, shape)
-  raise ValueError(f"unknown inference mode {mode!r}; choose 'mean' or 'stochastic'")
+def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = None,
+            mode: str = "mean", compute: Compute | None = None) -> jax.Array:
+  """Class logits [B, m]. mode 'mean': z_0 = 0; 'stochastic': z_0 ~ N(0, I), needs `key`
+  (the network's only randomness at inference)."""
+  core.check_inputs(x, model.input_shape)
+  core.check_choice("inference mode", mode, core.INFERENCE_MODES)
+  if mode == "stochastic" and key is None:
+    raise ValueError("stochastic inference needs a PRNG key")
+  return _predict(model, (compute or Compute()).resolve(model.T), state, x, key, mode)
 
 
-@partial(jax.jit, static_argnames=("cfg", "mode"))
-def predict(cfg: Config, state: State, x: jax.Array, key: jax.Array | None = None,
-            mode: str | None = None) -> jax.Array:
-  """Class logits for images x. mode 'mean' (default): z_0 = 0; 'stochastic':
-  z_0 ~ N(0, I), needs `key` (the network's only randomness at inference)."""
-  dt.check_images(x, cfg)
-  z0 = initial_z(cfg, x.shape[0], key, mode)
-  return forward(cfg, state["params"], state["batch_stats"], dt.to_float(x), z0, False)[0]
+@partial(jax.jit, static_argnames=("model", "compute", "mode"))
+def _predict(model, compute, state, x, key, mode):
+  z0 = core.inference_noise(mode, (x.shape[0], model.dim), key)
+  return forward(model, compute, state["params"], state["stats"], core.to_float(x), z0)[0]
 
 
-def eval_counts(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.Array,
-                runs: int) -> tuple[jax.Array, jax.Array]:
-  """(correct with z_0 = 0, [runs] correct with z_0 ~ N(0, I)) on one batch; all runs
-  go through the network together as one [(1 + runs) * B] batch. Labels -1 never count."""
-  B = y.shape[0]
-  x = dt.to_float(x)
-  z0 = jnp.concatenate([jnp.zeros((B, cfg.embedding_dim)),
-                        jax.random.normal(key, (runs * B, cfg.embedding_dim))])
-  xs = jnp.broadcast_to(x[None], (1 + runs, *x.shape)).reshape(-1, *x.shape[1:])
-  logits, _ = forward(cfg, state["params"], state["batch_stats"], xs, z0, False)
-  correct = (jnp.argmax(logits, -1).reshape(1 + runs, B) == y[None, :]).sum(-1)
-  return correct[0], correct[1:]
+def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: jax.Array,
+                key: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
+  """(correct with z_0 = 0, [runs] correct with z_0 ~ N(0, I)) on one batch."""
+  solve = lambda x, z0: forward(model, compute, state["params"], state["stats"], x, z0)[0]
+  return core.eval_paths(solve, lambda logits: logits, core.to_float(x), y, key, runs, model.dim)
+
+
+def describe(model: Model, compute: Compute, state: State) -> str:
+  return f"T={model.T} chained blocks of {num_block_params(state):,} parameters, trained end to end"

@@ -68,6 +68,11 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
 
+  def meta(self, step: int) -> dict[str, Any]:
+    """The JSON saved beside the state at `step`, without restoring the state."""
+    self.manager.wait_until_finished()
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
     self.manager.wait_until_finished()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

@@ -1,24 +1,94 @@
-"""Frozen, hashable run configuration with the paper's Table 4 defaults.
+"""A training run's settings, by concern, and the command line made from them.
 
-The config is static for `jax.jit`: everything in it fixes shapes or code
-paths, so one config compiles each step function exactly once.
+  method  which method (`METHODS`), and its settings: the fields of that method's
+          `Model` other than the block and the data's shapes (e.g. dt.Model.T)
+  block   `blocks.BlockConfig`: which provided block, and its options
+  data    `DataConfig`: a dataset name or a .npz file of the user's arrays
+  train   `TrainConfig`: optimizer, budget, seed, evaluation, execution
+
+Every setting is a dataclass field whose trailing comment is its help: the command
+line (`add_flags`, `parse`) and the README's flag table (`flag_table`) are made from
+the fields, so they cannot drift apart. Defaults that depend on the method and dataset
+(the paper's Table 4 budgets) are filled in by `RunConfig.create`.
 """
 
+import argparse
 import dataclasses
+import inspect
+import re
+import typing
 from typing import Any
 
-import jax
+from noprop_jax import adjoint, backprop, core, ct, dt, fm
+from noprop_jax.blocks import BlockConfig
 
-METHODS = ("dt", "ct", "fm", "backprop", "adjoint")
-EMBEDDINGS = ("onehot", "learned", "prototype")
-CLASSIFIERS = ("softmax", "radial")
-FORMULATIONS = ("auto", "vmap", "unroll", "scan")
-CONV_IMPLS = ("auto", "xla", "patches", "gemm")
+METHODS = {"dt": dt, "ct": ct, "fm": fm, "backprop": backprop, "adjoint": adjoint}
+NOT_SETTINGS = ("block", "input_shape", "num_classes")  # Model fields the data and block fill
+NAMED_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
 TRAININGS = ("parallel", "sequential")
-INFERENCE_MODES = ("mean", "stochastic")
-CT_SAMPLERS = ("ode", "sde")
-PRECISIONS = ("float32", "bfloat16")
-MESH_AXES = ("blocks", "data")
+BF16_METHODS = ("dt", "ct", "fm")
+
+# Paper Table 4's epochs per dataset: DT and backprop, CT and FM, the adjoint. Digits
+# (not in the paper) and a user's .npz file take budgets sized for a CPU.
+EPOCHS = {"digits": (12, 40, 2), "mnist": (100, 100, 2), "fashion_mnist": (100, 100, 2),
+          "cifar10": (150, 500, 4), "cifar100": (150, 1000, 4), "tiny_imagenet": (150, 1000, 4)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the data comes from."""
+
+  dataset: str = "digits"  # a named dataset (digits is embedded) or the path of a .npz file
+  data_dir: str | None = None  # directory with the named dataset's original files (else TFDS)
+  verify: bool = True  # check --data-dir files against their published checksums
+
+  def __post_init__(self):
+    if self.dataset not in NAMED_DATASETS and not self.dataset.endswith(".npz"):
+      raise ValueError(f"unknown dataset {self.dataset!r}; choose one of "
+                       f"{list(NAMED_DATASETS)} or give a .npz file of your arrays")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How the model is trained and evaluated."""
+
+  epochs: int = 0  # passes over the training set; 0: paper Table 4 for method and dataset
+  batch_size: int = 128  # examples per step
+  seed: int = 0  # seeds init, batch order, noise and dropout (not compiled in)
+  lr: float = 1e-3  # learning rate (DT and baselines AdamW, CT/FM Adam)
+  weight_decay: float = 1e-3  # weight decay
+  grad_clip: float = 1.0  # clip each block (DT), parameter group (CT/FM) or network by its own gradient norm; 0: off
+  training: str = "parallel"  # parallel: every block every step | sequential: Algorithm 1 (DT)
+  formulation: str = "auto"  # how a step maps over stacked blocks: auto | vmap | unroll | scan
+  blocks_per_step: int = 0  # DT: blocks computed at once, a divisor of T (0: all that fit)
+  precision: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  mesh: str = ""  # device mesh blocks=B,data=D (blocks: DT only); empty: one device
+  inference: str = "mean"  # inference mode of test_accuracy: mean | stochastic
+  inference_runs: int = 5  # sampled inference runs averaged in the summary
+  eval_every: int = 0  # epochs between test evaluations (0: 1, or 10 for CT/FM on digits)
+
+  def __post_init__(self):
+    for name in ("batch_size", "inference_runs"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("epochs", "eval_every", "seed"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    core.check_choice("training", self.training, TRAININGS)
+    core.check_choice("inference", self.inference, core.INFERENCE_MODES)
+    self.optim, self.compute, self.mesh_shape  # validate
+
+  @property
+  def optim(self) -> core.Optim:
+    return core.Optim(self.lr, self.weight_decay, self.grad_clip)
+
+  @property
+  def compute(self) -> core.Compute:
+    return core.Compute(self.formulation, self.blocks_per_step, self.precision)
+
+  @property
+  def mesh_shape(self) -> dict[str, int]:
+    return parse_mesh(self.mesh)
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -27,8 +97,8 @@ def parse_mesh(spec: str) -> dict[str, int]:
   for part in filter(None, (p.strip() for p in spec.split(","))):
     name, eq, value = part.partition("=")
     name = name.strip()
-    if not eq or name not in MESH_AXES:
-      raise ValueError(f"bad mesh {spec!r}: write it as 'blocks=B,data=D' (axes {list(MESH_AXES)})")
+    if not eq or name not in sizes:
+      raise ValueError(f"bad mesh {spec!r}: write it as 'blocks=B,data=D' (axes {list(sizes)})")
     try:
       sizes[name] = int(value)
     except ValueError:
@@ -38,264 +108,193 @@ def parse_mesh(spec: str) -> dict[str, int]:
   return sizes
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  image_shape: tuple[int, int, int]
-  num_classes: int
-  padding: str  # the block's conv padding: the paper's "VALID", or "SAME" where images are too small
-  epochs_dt: int  # paper Table 4 (digits: ours, not in the paper)
-  epochs_ct: int  # NoProp-CT and -FM, paper Table 4
-  epochs_adjoint: int  # the adjoint baseline, paper Table 4
-
-  @property
-  def image_size(self) -> int:
-    """H * W * C: the dimension of prototype embeddings."""
-    h, w, c = self.image_shape
-    return h * w * c
-
-  def default_epochs(self, method: str) -> int:
-    """DT and backprop share a row of Table 4; CT and FM another; the adjoint its own."""
-    if method == "adjoint":
-      return self.epochs_adjoint
-    return self.epochs_ct if method in ("ct", "fm") else self.epochs_dt
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    # 8x8 images are too small for the unpadded tower (8 -> 6 -> 3 -> 1 -> fails): pad it.
-    "digits": DatasetInfo((8, 8, 1), 10, "SAME", 12, 40, 2),
-    "mnist": DatasetInfo((28, 28, 1), 10, "VALID", 100, 100, 2),
-    "fashion_mnist": DatasetInfo((28, 28, 1), 10, "VALID", 100, 100, 2),
-    "cifar10": DatasetInfo((32, 32, 3), 10, "VALID", 150, 500, 4),
-    "cifar100": DatasetInfo((32, 32, 3), 100, "VALID", 150, 1000, 4),
-    # Not in Table 4: CIFAR-100's budgets (the closest in size and difficulty).
-    "tiny_imagenet": DatasetInfo((64, 64, 3), 200, "VALID", 150, 1000, 4),
-}
+def method_settings(method: str) -> dict[str, dataclasses.Field]:
+  """The method's own settings: its Model's fields other than block and data shapes."""
+  return {f.name: f for f in dataclasses.fields(METHODS[method].Model) if f.name not in NOT_SETTINGS}
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  """A NoProp run. `Config.create` fills method- and dataset-dependent defaults and validates.
-
-  DT-only: training, formulation, classifier, alpha_bar_min/max (T: DT and
-  backprop). CT/FM: inference_steps (also the adjoint's solver steps in
-  training), fm_sigma, ct_sampler, gamma_0_init/gamma_1_init.
-  """
-
-  method: str = "dt"
-  dataset: str = "digits"
-  embedding: str = "onehot"
-  embedding_dim: int = 10  # == num_classes for one-hot, == H * W * C for prototype
-  classifier: str = "softmax"  # DT: p(y | z_T) by a linear softmax (Eq. 14) or "radial" (Eq. 15-16)
-  radial_sigma: float = 1.0  # the radial classifier's sigma
-  T: int = 10
-  epochs: int = 12
-  batch_size: int = 128
-  lr: float = 1e-3
-  weight_decay: float = 1e-3
-  eta: float = 0.1  # DT 0.1, CT 1 (paper Table 4); FM has no eta
-  grad_clip: float = 1.0  # per block, by that block's own gradient norm; 0 disables
-  dropout: float = 0.2
-  seed: int = 0
-  training: str = "parallel"  # "sequential" is the paper's Algorithm 1
-  formulation: str = "auto"  # how the parallel step maps over blocks
-  blocks_per_step: int = 0  # blocks computed at once in the parallel step (0: auto, the fastest that fits)
-  mesh: str = ""  # device mesh, e.g. "blocks=4,data=2" (blocks: DT only); "" is one device
-  precision: str = "float32"  # "bfloat16": bf16 compute, float32 parameters and optimizer state
-  conv_impl: str = "auto"  # "patches": matmul weight gradient (fast on XLA:CPU in vmap/scan)
-  inference: str = "mean"  # default inference mode for test_accuracy
-  inference_runs: int = 5  # stochastic runs averaged in the summary (paper: 5)
-  eval_every: int = 1  # epochs between test evaluations (the last epoch always evaluates)
-  alpha_bar_min: float = 1e-4
-  alpha_bar_max: float = 0.9999
-  inference_steps: int = 1000  # Euler steps of CT/FM inference (paper: 1000)
-  fm_sigma: float = 0.0  # std of the Gaussian around FM's straight path
-  ct_sampler: str = "ode"  # CT: probability-flow ODE (Euler) or reverse SDE (Euler-Maruyama)
-  # Initial learned-schedule endpoints (CT): gamma(1) = gamma_0, gamma(0) = gamma_1.
-  # +-3.5 puts alpha_bar in [0.029, 0.971], about the span of the DT blocks' inputs
-  # (the last one sees 0.972), and keeps the SNR' weights within ~2 orders of
-  # magnitude; +-5 (alpha_bar in [0.007, 0.993]) gave 95.3% against 96.3% after one
-  # MNIST epoch (100 inference steps). Both endpoints then train (Algorithm 2).
-  gamma_0_init: float = -3.5
-  gamma_1_init: float = 3.5
-
-  @property
-  def info(self) -> DatasetInfo:
-    return DATASETS[self.dataset]
-
-  @property
-  def num_classes(self) -> int:
-    return self.info.num_classes
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    return self.info.image_shape
+class RunConfig:
+  method: str = "dt"  # dt | ct | fm (NoProp) | backprop | adjoint (the paper's baselines)
+  model: dict = dataclasses.field(default_factory=dict)  # the method's settings, by name
+  block: BlockConfig = BlockConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
 
   @classmethod
-  def create(cls, **overrides: Any) -> "Config":
-    """Config for `dataset` with the paper's defaults, `None` values meaning 'default'."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    dataset = overrides.get("dataset", cls.dataset)
-    if dataset not in DATASETS:
-      raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
-    info = DATASETS[dataset]
-    method = overrides.get("method", cls.method)
-    overrides.setdefault("epochs", info.default_epochs(method))
-    if method == "ct":
-      overrides.setdefault("eta", 1.0)
-    if method == "adjoint":
-      overrides.setdefault("embedding", "onehot")  # the paper's adjoint row: W_embed fixed
-    if method in ("ct", "fm") and dataset == "digits":
-      # 1000-step inference on digits costs ~20x a training epoch there: evaluate every 10.
-      overrides.setdefault("eval_every", 10)
-    embedding = overrides.get("embedding", cls.embedding)
-    fixed = {"onehot": (info.num_classes, "the number of classes"),
-             "prototype": (info.image_size, "the image size H * W * C")}
-    if embedding in fixed:
-      want, what = fixed[embedding]
-      dim = overrides.get("embedding_dim", want)
-      if dim != want:
-        raise ValueError(f"embedding_dim={dim} with a {embedding} embedding: it must equal "
-                         f"{what} ({want}); use --embedding learned for another size")
-      overrides["embedding_dim"] = want
-    else:
-      overrides.setdefault("embedding_dim", 20)
-    cfg = cls(**overrides)
-    cfg.validate()
-    return cfg
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "Config":
-    """The config saved by `to_dict` (settings added since take their defaults)."""
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown config settings {sorted(unknown)}")
-    cfg = cls(**d)
+  def create(cls, method: str = "dt", **settings: Any) -> "RunConfig":
+    """A validated run config from flat settings (None meaning 'default'), with the
+    method- and dataset-dependent defaults filled in."""
+    core.check_choice("method", method, METHODS)
+    given = {k: v for k, v in settings.items() if v is not None}
+    own = method_settings(method)
+    groups = {"block": BlockConfig, "data": DataConfig, "train": TrainConfig}
+    parts = {g: {k: given.pop(k) for k in list(given) if k in _names(c)} for g, c in groups.items()}
+    model = {k: given.pop(k) for k in list(given) if k in own}
+    for k in given:
+      if k in ALL_METHOD_SETTINGS:
+        users = [m for m in METHODS if k in method_settings(m)]
+        raise ValueError(f"--{_flag(k)} is a setting of {', '.join(users)}, not of {method}")
+      raise ValueError(f"unknown setting {k!r}")
+    data = DataConfig(**parts["data"])
+    budgets = EPOCHS.get(data.dataset, EPOCHS["digits"])
+    column = {"ct": 1, "fm": 1, "adjoint": 2}.get(method, 0)
+    train = parts["train"]
+    train.setdefault("epochs", 0)
+    train["epochs"] = train["epochs"] or budgets[column]
+    if not train.get("eval_every"):
+      # CT/FM's 1000-step inference costs ~20x a digits training epoch: evaluate every 10.
+      train["eval_every"] = 10 if method in ("ct", "fm") and data.dataset == "digits" else 1
+    cfg = cls(method, model, BlockConfig(**parts["block"]), data, TrainConfig(**train))
     cfg.validate()
     return cfg
 
   def validate(self) -> None:
-    def bad(msg):
-      raise ValueError(msg)
-
-    if self.method not in METHODS:
-      bad(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
-    if self.dataset not in DATASETS:
-      bad(f"unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}")
-    for name, allowed in (("embedding", EMBEDDINGS), ("formulation", FORMULATIONS),
-                          ("conv_impl", CONV_IMPLS), ("training", TRAININGS),
-                          ("inference", INFERENCE_MODES), ("ct_sampler", CT_SAMPLERS),
-                          ("classifier", CLASSIFIERS), ("precision", PRECISIONS)):
-      if getattr(self, name) not in allowed:
-        bad(f"unknown {name} {getattr(self, name)!r}; choose one of {list(allowed)}")
-    if self.T < 1:
-      bad(f"T must be >= 1 (number of blocks), got {self.T}")
-    if self.epochs < 1:
-      bad(f"epochs must be >= 1, got {self.epochs}")
-    if self.batch_size < 1:
-      bad(f"batch_size must be >= 1, got {self.batch_size}")
-    if not self.lr > 0:
-      bad(f"learning rate must be > 0, got {self.lr}")
-    if self.weight_decay < 0:
-      bad(f"weight_decay must be >= 0, got {self.weight_decay}")
-    if not self.eta > 0:
-      bad(f"eta must be > 0, got {self.eta}")
-    if self.grad_clip < 0:
-      bad(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-    if not 0 <= self.dropout < 1:
-      bad(f"dropout must be in [0, 1), got {self.dropout}")
-    if self.embedding_dim < 1:
-      bad(f"embedding_dim must be >= 1, got {self.embedding_dim}")
-    if self.eval_every < 1:
-      bad(f"eval_every must be >= 1, got {self.eval_every}")
-    if self.inference_runs < 1:
-      bad(f"inference_runs must be >= 1, got {self.inference_runs}")
-    if self.method != "dt" and self.training != "parallel":
-      bad(f"--training {self.training} is NoProp-DT's (Algorithm 1), not {self.method}'s")
-    if self.method != "dt" and self.classifier != "softmax":
-      bad(f"--classifier {self.classifier} is a NoProp-DT option (Eq. 15-16), not {self.method}'s")
-    if self.method == "adjoint" and self.embedding != "onehot":
-      bad("the adjoint baseline uses a fixed one-hot embedding (as in the paper); "
-          f"got --embedding {self.embedding}")
-    if self.embedding == "prototype" and self.embedding_dim != self.info.image_size:
-      bad(f"a prototype embedding has the image size {self.info.image_size} as its dimension, "
-          f"got embedding_dim={self.embedding_dim}")
-    if self.precision != "float32" and self.method not in ("dt", "ct", "fm"):
-      bad(f"--precision {self.precision} is implemented for NoProp-DT, -CT and -FM, not {self.method}")
-    mesh = parse_mesh(self.mesh)
+    """Checks across concerns (each concern validates itself)."""
+    mod, tr = METHODS[self.method], self.train
+    mesh = tr.mesh_shape
+    unknown = set(self.model) - set(method_settings(self.method))
+    if unknown:
+      raise ValueError(f"{sorted(unknown)} are not settings of {self.method}")
+    T = self.T
+    if tr.training == "sequential" and not hasattr(mod, "sequential_step"):
+      raise ValueError(f"--training sequential is NoProp-DT's (Algorithm 1), not {self.method}'s")
+    if tr.precision != "float32" and self.method not in BF16_METHODS:
+      raise ValueError(f"--precision {tr.precision} is implemented for NoProp-DT, -CT and -FM, "
+                       f"not {self.method}")
+    if tr.blocks_per_step and not mod.STACKED:
+      raise ValueError(f"--blocks-per-step is NoProp-DT's (its T blocks in one step), not "
+                       f"{self.method}'s")
     if mesh["blocks"] > 1:
-      if self.method != "dt":
-        bad(f"a 'blocks' mesh axis shards NoProp-DT's blocks; {self.method} has none to shard "
-            f"(use data=N), got --mesh {self.mesh}")
-      if self.T % mesh["blocks"]:
-        bad(f"the mesh's blocks={mesh['blocks']} must divide T={self.T}")
-      if self.training == "sequential":
-        bad("sequential training (Algorithm 1) updates one block per step: shard it with "
-            f"data=N, not blocks={mesh['blocks']}")
-      if self.formulation == "unroll":
-        bad("--formulation unroll indexes blocks one by one, which a blocks-sharded mesh "
-            "cannot split; use vmap (or auto)")
-    if self.batch_size % mesh["data"]:
-      bad(f"batch_size {self.batch_size} must be divisible by the mesh's data={mesh['data']}")
-    k = self.blocks_per_step
-    if k < 0 or k > self.T or (k and self.T % k):
-      bad(f"blocks_per_step must divide T={self.T} (or be 0: automatic), got {k}")
-    if k and self.method != "dt":
-      bad(f"--blocks-per-step is NoProp-DT's (its T blocks in one step), not {self.method}'s")
-    if k and self.formulation == "scan" and k != 1:
-      bad(f"--formulation scan is one block at a time (blocks_per_step 1), got {k}")
+      if not mod.STACKED:
+        raise ValueError(f"a 'blocks' mesh axis shards NoProp-DT's blocks; {self.method} has "
+                         f"none to shard (use data=N), got --mesh {tr.mesh}")
+      if T % mesh["blocks"]:
+        raise ValueError(f"the mesh's blocks={mesh['blocks']} must divide T={T}")
+      if tr.training == "sequential":
+        raise ValueError("sequential training (Algorithm 1) updates one block per step: shard "
+                         f"it with data=N, not blocks={mesh['blocks']}")
+      if tr.formulation == "unroll":
+        raise ValueError("--formulation unroll indexes blocks one by one, which a blocks-sharded "
+                         "mesh cannot split; use vmap (or auto)")
+    if tr.batch_size % mesh["data"]:
+      raise ValueError(f"batch_size {tr.batch_size} must be divisible by the mesh's "
+                       f"data={mesh['data']}")
+    k = tr.blocks_per_step
+    if k and (k > T or T % k):
+      raise ValueError(f"blocks_per_step must divide T={T} (or be 0: automatic), got {k}")
     if k and k % mesh["blocks"]:
-      bad(f"blocks_per_step {k} must be a multiple of the mesh's blocks={mesh['blocks']}, "
-          "so that every chunk spreads over all devices")
-    if self.inference_steps < 1:
-      bad(f"inference_steps must be >= 1, got {self.inference_steps}")
-    if not self.radial_sigma > 0:
-      bad(f"radial_sigma must be > 0, got {self.radial_sigma}")
-    if self.fm_sigma < 0:
-      bad(f"fm_sigma must be >= 0, got {self.fm_sigma}")
-    if not self.gamma_1_init > self.gamma_0_init:
-      bad("the schedule needs gamma_1_init > gamma_0_init (gamma decreases from the noise end "
-          f"t = 0 to the label end t = 1), got {self.gamma_0_init}, {self.gamma_1_init}")
-    if not 0 < self.alpha_bar_min < self.alpha_bar_max < 1:
-      bad("need 0 < alpha_bar_min < alpha_bar_max < 1 so every SNR is finite, got "
-          f"{self.alpha_bar_min}, {self.alpha_bar_max}")
+      raise ValueError(f"blocks_per_step {k} must be a multiple of the mesh's "
+                       f"blocks={mesh['blocks']}, so that every chunk spreads over all devices")
 
   @property
-  def mesh_shape(self) -> dict[str, int]:
-    return parse_mesh(self.mesh)
-
-  def resolved_formulation(self) -> str:
-    """'auto' -> 'vmap' on GPU/TPU and on a blocks-sharded mesh; on XLA:CPU, where conv
-    weight gradients under vmap or in loops are slow, the blocks unrolled in one jit
-    (measured fastest, experiments/benchmark.py)."""
-    if self.method in ("ct", "fm", "adjoint"):
-      return "single"  # one time-conditioned block
-    if self.method == "backprop":
-      return "chain"  # the blocks run one after another, as a forward pass must
-    if self.formulation != "auto":
-      return self.formulation
-    if jax.default_backend() == "cpu" and self.mesh_shape["blocks"] == 1:
-      return "unroll"
-    return "vmap"
-
-  def resolved_blocks_per_step(self) -> int:
-    """Blocks computed at once: 1 for 'scan', else blocks_per_step or, for 0 (auto), all T.
-
-    (`trainer.fit_blocks_per_step` lowers 'auto' further where all T do not fit
-    in device memory.)"""
-    if self.resolved_formulation() == "scan":
-      return 1
-    return self.blocks_per_step or self.T
-
-  def resolved_conv_impl(self) -> str:
-    """'auto' -> on XLA:CPU, im2col + GEMM ('gemm') for unrolled blocks and the matmul
-    weight gradient ('patches') under vmap or in loops (the stock conv weight gradient
-    is ~30x slower there); elsewhere the stock convolution."""
-    if self.conv_impl != "auto":
-      return self.conv_impl
-    if jax.default_backend() != "cpu":
-      return "xla"
-    looped = self.resolved_formulation() in ("vmap", "scan") or self.resolved_blocks_per_step() < self.T
-    return "patches" if looped else "gemm"
+  def T(self) -> int:
+    """The number of stacked blocks (1 for a single time-conditioned block)."""
+    return self.model.get("T", getattr(METHODS[self.method].Model, "T", 1))
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return {"method": self.method, "model": dict(self.model),
+            **{g: dataclasses.asdict(getattr(self, g)) for g in ("block", "data", "train")}}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    """The config saved by `to_dict`."""
+    try:
+      cfg = cls(d["method"], dict(d["model"]), BlockConfig(**d["block"]),
+                DataConfig(**d["data"]), TrainConfig(**d["train"]))
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"not a run config written by this version ({type(e).__name__}: {e})") from None
+    cfg.validate()
+    return cfg
+
+  def flat(self) -> dict[str, Any]:
+    """Every setting by its (unique) name, for comparing configs."""
+    d = self.to_dict()
+    return {"method": d["method"], **d["model"], **d["block"], **d["data"], **d["train"]}
+
+
+def _names(cls) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)}
+
+
+ALL_METHOD_SETTINGS = {k for m in METHODS for k in method_settings(m)}
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def field_help(cls) -> dict[str, str]:
+  """Each field's trailing comment in `cls`'s source: the settings' one description."""
+  out = {}
+  for line in inspect.getsource(cls).splitlines():
+    m = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+    if m:
+      out[m.group(1)] = m.group(2)
+  return out
+
+
+def _flag(name: str) -> str:
+  return name if name == "T" else name.replace("_", "-")
+
+
+def settings_by_flag() -> dict[str, list[tuple[str, str, dataclasses.Field, str]]]:
+  """flag -> [(concern, owner, field, help)]: every setting of every concern and method."""
+  out: dict[str, list] = {}
+  concerns = [("run", "", RunConfig), ("block", "", BlockConfig), ("data", "", DataConfig),
+              ("train", "", TrainConfig)]
+  concerns += [("method", m, METHODS[m].Model) for m in METHODS]
+  for concern, owner, cls in concerns:
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+      if f.name in NOT_SETTINGS + ("model",) or (concern == "run" and f.name != "method"):
+        continue
+      out.setdefault(_flag(f.name), []).append((concern, owner, f, helps.get(f.name, "")))
+  return out
+
+
+def _type(f: dataclasses.Field):
+  args = [a for a in typing.get_args(f.type) if a is not type(None)]
+  return args[0] if args else f.type
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+  """One flag per setting; a method's settings say which methods have them, and their defaults."""
+  for flag, owners in settings_by_flag().items():
+    concern, _, f, help_ = owners[0]
+    if concern == "method":
+      defaults = ", ".join(f"{o} {g.default}" for _, o, g, _ in owners)
+      help_ = f"{help_} ({defaults})"
+    elif f.default is not dataclasses.MISSING and f.name != "method" and _type(f) is not bool:
+      help_ = f"{help_} ({f.default!r})" if f.default != "" else help_
+    dest = f.name
+    if _type(f) is bool:
+      help_ = f"do not {help_}" if f.default else help_
+      p.add_argument(f"--no-{flag}" if f.default else f"--{flag}", dest=dest, default=None,
+                     action="store_false" if f.default else "store_true", help=help_)
+    else:
+      p.add_argument(f"--{flag}", dest=dest, type=_type(f), default=None, help=help_)
+
+
+def flag_table() -> str:
+  """The README's table of `experiments/train.py`'s settings, made from the fields."""
+  rows = ["| flag | concern | meaning (default) |", "|---|---|---|"]
+  for flag, owners in settings_by_flag().items():
+    concern, _, f, help_ = owners[0]
+    name = f"--no-{flag}" if _type(f) is bool and f.default else f"--{flag}"
+    if concern == "method":
+      where = ", ".join(o for _, o, _, _ in owners)
+      default = ", ".join(f"{o}: {g.default}" for _, o, g, _ in owners)
+    else:
+      where, default = concern, "" if f.name == "method" else repr(f.default)
+    help_ = help_.replace("|", "\\|")
+    rows.append(f"| `{name}` | {where} | {help_}{f' ({default})' if default else ''} |")
+  return "\n".join(rows)
+
+
+def from_args(args: argparse.Namespace) -> RunConfig:
+  """The RunConfig of parsed flags (those not given take their defaults)."""
+  settings = {f.name: getattr(args, f.name) for owners in settings_by_flag().values()
+              for _, _, f, _ in owners[:1]}
+  method = settings.pop("method") or "dt"
+  own = set(method_settings(method)) | _names(BlockConfig) | _names(DataConfig) | _names(TrainConfig)
+  return RunConfig.create(method, **{k: v for k, v in settings.items()
+                                     if v is not None and (k in own or k in ALL_METHOD_SETTINGS)})

@@ -1,430 +1,319 @@
-"""NoProp-DT as pure functions: init, losses, training steps, inference.
+"""NoProp-DT: T blocks, block t trained to denoise z_{t-1} ~ q(z_{t-1} | y) into u_y.
 
-State is a plain pytree (dict):
-  step        int32 scalar, number of optimizer steps taken
-  blocks      {'params', 'batch_stats'}, every leaf stacked on a leading T axis
-  shared      {'head': {'kernel' [d, m], 'bias' [m]}, 'embed' [m, d] if learned}
-  opt_blocks  optimizer state of the blocks, stacked on T (per-block Adam moments,
-              per-block step counts)
-  opt_shared  optimizer state of `shared`
+  model = dt.Model(block, input_shape=(64,), num_classes=10)   # any (x, z) -> logits block
+  state = dt.init(model, jax.random.key(0))
+  step = dt.make_train_step(model)                             # jitted, donates the state
+  state, metrics = step(state, x, y)
+  logits = dt.predict(model, state, x_test)
 
-Block t (index i = t - 1 here) sees only z_{t-1} ~ q(z_{t-1} | y) and its own
-loss term; nothing couples blocks but the shared head and embedding.
+Block t (t = 1..T; index t - 1 in stacked arrays) sees only its noisy label
+z_{t-1} and its own term of Eq. 8; nothing couples blocks but the shared head
+and embedding. State (a plain pytree):
+  step, rng    int32 step count; the run's key (raw uint32 data)
+  blocks       the blocks' variables ({'params', 'batch_stats', ...}), stacked on T
+  shared       {'head': {'kernel' [d, m], 'bias' [m]}, 'embed' [m, d] unless one-hot}
+  opt_blocks   the blocks' optimizer state, stacked on T (own moments, counts, clipping)
+  opt_shared   optimizer state of `shared`
 """
 
+import dataclasses
+import math
 from functools import partial
-from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
-from noprop_jax.config import Config
-from noprop_jax.models import DTBlock, count_params, init_embedding
+from noprop_jax import core
+from noprop_jax.core import Compute, Metrics, Optim, State
 from noprop_jax.schedule import DTSchedule, dt_schedule
 
-State = dict[str, Any]
-Metrics = dict[str, jax.Array]
+NAME = "NoProp-DT"
+CLASSIFIERS = ("softmax", "radial")
+STACKED = ("blocks", "opt_blocks")  # state entries whose leaves lead with the T axis
+TIME_CONDITIONED = False  # blocks are (x, z) -> logits
 
 
-def make_model(cfg: Config) -> DTBlock:
-  proto = cfg.image_shape if cfg.embedding == "prototype" else None
-  return DTBlock(cfg.num_classes, cfg.info.padding, cfg.dropout, cfg.resolved_conv_impl(),
-                 prototype_shape=proto)
+@dataclasses.dataclass(frozen=True)
+class Model:
+  block: nn.Module  # (x, z) -> logits [B, num_classes]; see `core` for the protocol
+  input_shape: tuple[int, ...]  # one input's shape: (H, W, C) images, (D,) vectors, ...
+  num_classes: int  # m
+  T: int = 10  # number of blocks
+  eta: float = 0.1  # weight of the denoising terms (paper Table 4)
+  embedding: str = "onehot"  # class embedding: onehot | learned | prototype
+  embedding_dim: int = 0  # d; 0: m (onehot), the input size (prototype), 20 (learned)
+  classifier: str = "softmax"  # p(y | z_T): softmax (Eq. 14) | radial (Eq. 15-16)
+  radial_sigma: float = 1.0  # the radial classifier's sigma
+  # The cosine schedule is clipped to [min, max], so every SNR stays finite.
+  alpha_bar_min: float = 1e-4  # the schedule's smallest alpha_bar (at t = 0, the noise end)
+  alpha_bar_max: float = 0.9999  # the schedule's largest alpha_bar (at t = T, the label end)
+
+  def __post_init__(self):
+    object.__setattr__(self, "input_shape", tuple(self.input_shape))
+    core.check_choice("classifier", self.classifier, CLASSIFIERS)
+    if self.T < 1 or self.num_classes < 2:
+      raise ValueError(f"need T >= 1 and num_classes >= 2, got {self.T}, {self.num_classes}")
+    core.check_positive("eta", self.eta)
+    core.check_positive("radial_sigma", self.radial_sigma)
+    if not 0 < self.alpha_bar_min < self.alpha_bar_max < 1:
+      raise ValueError("need 0 < alpha_bar_min < alpha_bar_max < 1 so every SNR is finite, "
+                       f"got {self.alpha_bar_min}, {self.alpha_bar_max}")
+    self.dim  # validates the embedding
+
+  @property
+  def dim(self) -> int:
+    return core.embedding_dim(self.embedding, self.embedding_dim, self.num_classes,
+                              math.prod(self.input_shape))
+
+  @property
+  def schedule(self) -> DTSchedule:
+    return dt_schedule(self.T, self.alpha_bar_min, self.alpha_bar_max)
 
 
-def schedule(cfg: Config) -> DTSchedule:
-  return dt_schedule(cfg.T, cfg.eta, cfg.alpha_bar_min, cfg.alpha_bar_max)
-
-
-def optimizer(cfg: Config) -> optax.GradientTransformation:
-  """AdamW (paper Table 4), after clipping by the gradient norm of *this* tree.
-
-  Applied per block with `jax.vmap`, so each block clips by its own norm and
-  keeps its own moments and step count.
-  """
-  adamw = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
-
-
-def embedding_matrix(shared: dict, cfg: Config) -> jax.Array:
-  """W_embed [m, d]: the fixed identity for one-hot, else the learned matrix."""
-  if cfg.embedding == "onehot":
-    return jnp.eye(cfg.num_classes, dtype=jnp.float32)
-  return shared["embed"]
-
-
-def initial_embedding(cfg: Config, key: jax.Array, embed: jax.Array | None) -> jax.Array | None:
-  """The learned W_embed's initial value: None for one-hot (fixed identity), an orthogonal
-  matrix for 'learned', and `embed` (from `prototypes.prototype_embedding`) for 'prototype'."""
-  m, d = cfg.num_classes, cfg.embedding_dim
-  if cfg.embedding == "onehot":
-    return None
-  if cfg.embedding == "learned":
-    return init_embedding(key, m, d)
-  if embed is None:
-    raise ValueError("a prototype embedding is initialised from the training images: pass "
-                     "embed=prototypes.prototype_embedding(images, labels, num_classes)")
-  if tuple(embed.shape) != (m, d):
-    raise ValueError(f"prototype embedding must have shape ({m}, {d}), got {tuple(embed.shape)}")
-  return jnp.asarray(embed, jnp.float32)
-
-
-@partial(jax.jit, static_argnums=0)  # eager, flax init dispatches op by op: ~10x slower
-def init(cfg: Config, key: jax.Array, embed: jax.Array | None = None) -> State:
-  """All T blocks initialised independently (vmap of init), head, embedding, optimizers.
-
-  `embed`: the initial prototype embedding [m, H*W*C] (embedding 'prototype' only).
-  """
-  k_blocks, k_head, k_embed = jax.random.split(key, 3)
-  model = make_model(cfg)
-  x = jnp.zeros((1, *cfg.image_shape), jnp.float32)
-  z = jnp.zeros((1, cfg.embedding_dim), jnp.float32)
-  init_one = lambda k: model.init({"params": k}, x, z, train=False)
-  variables = jax.vmap(init_one)(jax.random.split(k_blocks, cfg.T))
-  blocks = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  d, m = cfg.embedding_dim, cfg.num_classes
-  # Zero head: softmax regression on z_T is convex, and from zero Adam's first step
-  # already makes it diagonal-dominant; a random init needs thousands of steps to undo.
-  shared = {"head": {"kernel": jnp.zeros((d, m), jnp.float32),
-                     "bias": jnp.zeros((m,), jnp.float32)}}
-  W = initial_embedding(cfg, k_embed, embed)
+@partial(jax.jit, static_argnames=("model", "optim"))  # eager flax init is ~10x slower
+def init(model: Model, key: jax.Array, optim: Optim = Optim(), embed: jax.Array | None = None) -> State:
+  """All T blocks initialised independently, a zero head, the embedding (`embed`: the
+  prototype rows, embedding 'prototype' only) and the optimizer state."""
+  k_blocks, k_embed = jax.random.split(jax.random.fold_in(key, 0))
+  x = jnp.zeros((1, *model.input_shape), jnp.float32)
+  z = jnp.zeros((1, model.dim), jnp.float32)
+  blocks = jax.vmap(lambda k: core.init_block(model.block, k, x, z))(
+      jax.random.split(k_blocks, model.T))
+  shared = {"head": core.zero_head(model.dim, model.num_classes)}
+  W = core.init_embedding(model.embedding, k_embed, model.num_classes, model.dim, embed)
   if W is not None:
     shared["embed"] = W
-  opt = optimizer(cfg)
-  return {"step": jnp.zeros((), jnp.int32), "blocks": blocks, "shared": shared,
-          "opt_blocks": jax.vmap(opt.init)(blocks["params"]), "opt_shared": opt.init(shared)}
+  opt = core.adamw(optim)
+  return {"step": jnp.zeros((), jnp.int32), "rng": core.new_rng(key), "blocks": blocks,
+          "shared": shared, "opt_blocks": jax.vmap(opt.init)(blocks["params"]),
+          "opt_shared": opt.init(shared)}
 
 
-def params_per_block(state: State) -> int:
-  """Parameters of one block (works on `jax.eval_shape` output too)."""
+def num_block_params(state: State) -> int:
+  """Parameters of one block."""
   params = state["blocks"]["params"]
-  return count_params(params) // jax.tree.leaves(params)[0].shape[0]
+  return core.count_params(params) // core.num_stacked(params)
 
 
-def check_images(x: jax.Array, cfg: Config) -> None:
-  if x.ndim != 4 or tuple(x.shape[1:]) != cfg.image_shape:
-    raise ValueError(f"images must have shape [batch, {', '.join(map(str, cfg.image_shape))}] "
-                     f"for dataset {cfg.dataset!r}, got {tuple(x.shape)}")
+# ----------------------------------------------------------------------------- the objective
 
-
-def to_float(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
-
-
-def compute_dtype(cfg: Config):
-  return jnp.bfloat16 if cfg.precision == "bfloat16" else jnp.float32
-
-
-def apply_train(cfg: Config, model, params, batch_stats, *inputs, rng: jax.Array):
-  """`model.apply` in training mode at cfg.precision: with 'bfloat16' the float32
-  parameters and float inputs are cast to bf16 for the computation (the casts'
-  gradients return float32 to the parameters, so the optimizer state stays
-  float32); BatchNorm statistics stay float32. Returns (float32 logits, new batch_stats)."""
-  dtype = compute_dtype(cfg)
-  cast = lambda t: jax.tree.map(
-      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
-  variables = {"params": cast(params)}
-  if batch_stats is not None:
-    variables["batch_stats"] = batch_stats
-  logits, mutated = model.apply(variables, *cast(inputs), train=True, rngs={"dropout": rng},
-                                mutable=["batch_stats"] if batch_stats is not None else [])
-  return logits.astype(jnp.float32), mutated.get("batch_stats")
-
-
-def _noisy(u: jax.Array, alpha_bar: jax.Array, key: jax.Array) -> jax.Array:
-  """A sample of q(z | y) = N(sqrt(alpha_bar) u_y, (1 - alpha_bar) I)."""
-  return jnp.sqrt(alpha_bar) * u + jnp.sqrt(1.0 - alpha_bar) * jax.random.normal(key, u.shape)
-
-
-# ----------------------------------------------------------------------------- losses
-
-def block_loss(cfg: Config, block_params, block_stats, shared, x, y, i, key):
-  """Block i's share (paper's t = i + 1) of Eq. 8's denoising term.
-
-  Eq. 8 has (T/2) eta E_t[(SNR(t) - SNR(t-1)) ||u_hat_t - u_y||^2], an
-  expectation over t ~ U{1..T}; averaging all T terms computes it exactly, so
-  block t contributes (1/T) (T/2) eta dSNR(t) ||u_hat_t - u_y||^2. (Summing
-  the T terms without the 1/T would weigh denoising T times too much against
-  the cross-entropy and KL terms.) Returns (loss, (new_batch_stats, metrics));
-  gradient flows to this block's parameters and, when learned, the embedding.
-  """
-  sched = schedule(cfg)
-  W = embedding_matrix(shared, cfg)
-  u = W[y]
-  k_noise, k_drop = jax.random.split(key)
-  z = _noisy(u, sched.alpha_bar[i], k_noise)
-  logits, new_stats = apply_train(cfg, make_model(cfg), block_params, block_stats, x, z,
-                                  rng=k_drop)
-  u_hat = jax.nn.softmax(logits) @ W
-  mse = jnp.mean(jnp.sum((u_hat - u) ** 2, axis=-1))
-  acc = jnp.mean(jnp.argmax(logits, -1) == y)
-  return sched.weight[i] * mse / cfg.T, (new_stats, {"mse": mse, "accuracy": acc})
-
-
-def class_logits(cfg: Config, shared, z_BD: jax.Array) -> jax.Array:
+def class_logits(model: Model, shared: dict, z_BD: jax.Array) -> jax.Array:
   """log p(y | z_T) up to a constant, for every class: [B, m].
 
-  'softmax' (Eq. 14): f(z_T) = W_out z_T + b_out. 'radial' (Eq. 15-16):
-  y_tilde = softmax(f(z_T)) @ W_embed and
-  p(y | z_T) proportional to exp(-||y_tilde - u_y||^2 / (2 sigma^2)).
+  'softmax' (Eq. 14): the linear head f(z_T) = W_out z_T + b_out. 'radial' (Eq. 15-16):
+  y_tilde = softmax(f(z_T)) @ W_embed and p(y | z_T) ~ exp(-||y_tilde - u_y||^2 / (2 sigma^2)).
   """
-  f = z_BD @ shared["head"]["kernel"] + shared["head"]["bias"][None, :]
-  if cfg.classifier == "softmax":
+  f = core.head_logits(shared["head"], z_BD)
+  if model.classifier == "softmax":
     return f
-  W = embedding_matrix(shared, cfg)
-  y_tilde = jax.nn.softmax(f) @ W
-  sq = jnp.sum((y_tilde[:, None, :] - W[None, :, :]) ** 2, axis=-1)
-  return -sq / (2.0 * cfg.radial_sigma**2)
+  W = core.embedding_matrix(shared, model.num_classes)
+  return -core.sq_dist(jax.nn.softmax(f) @ W, W) / (2.0 * model.radial_sigma**2)
 
 
-def head_loss(cfg: Config, shared, y, key):
-  """-log p(y | z_T), z_T ~ q(z_T | y), plus KL(q(z_0 | y) || N(0, I)) in closed form."""
-  sched = schedule(cfg)
-  u = embedding_matrix(shared, cfg)[y]
-  z_T = _noisy(u, sched.alpha_bar[-1], key)
-  logits = class_logits(cfg, shared, z_T)
-  ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-  ab0 = sched.alpha_bar[0]
-  kl = 0.5 * jnp.mean(jnp.sum(ab0 * u**2 + (1 - ab0) - 1 - jnp.log1p(-ab0), axis=-1))
-  return ce + kl, {"ce": ce, "kl": kl}
+def head_terms(model: Model, shared: dict, y: jax.Array, key: jax.Array):
+  """Eq. 8's first two terms: -log p(y | z_T) with z_T ~ q(z_T | y), and
+  KL(q(z_0 | y) || N(0, I)) in closed form. Returns (ce + kl, (ce, kl))."""
+  ab = model.schedule.alpha_bar
+  u = core.embedding_matrix(shared, model.num_classes)[y]
+  z_T = core.noisy(u, ab[-1], 1.0 - ab[-1], key)
+  ce = core.cross_entropy(class_logits(model, shared, z_T), y)
+  kl = core.gaussian_kl(u, ab[0], jnp.log1p(-ab[0]))
+  return ce + kl, (ce, kl)
 
 
-# ----------------------------------------------------------------------------- per-block gradients
-
-def _scaled_block_loss(cfg, scale, *args):
-  loss, aux = block_loss(cfg, *args)
-  return scale * loss, aux
-
-
-def _block_grad_fn(cfg, shared, x, y, scale: float = 1.0):
-  """(params_i, stats_i, i, key_i) -> (loss, new_stats, grad_params, grad_shared, metrics)
-  of `scale * block_loss`."""
-  vg = jax.value_and_grad(partial(_scaled_block_loss, cfg, scale), argnums=(0, 2), has_aux=True)
-
-  def one(p, s, i, k):
-    (loss, (new_s, m)), (gp, gs) = vg(p, s, shared, x, y, i, k)
-    return loss, new_s, gp, gs, m
-
-  return one
+def denoise_error(model: Model, variables: dict, W: jax.Array, x: jax.Array, y: jax.Array,
+                  t, key: jax.Array, precision: str = "float32"):
+  """Block t's squared error ||u_hat_t(z_{t-1}, x) - u_y||^2 (batch mean), with
+  z_{t-1} ~ q(z_{t-1} | y) and u_hat_t = softmax(block_t(x, z_{t-1})) @ W_embed.
+  Returns (error, (updated BatchNorm statistics, the block's accuracy on its input))."""
+  ab = model.schedule.alpha_bar[t - 1]
+  k_noise, k_drop = jax.random.split(key)
+  u = W[y]
+  z = core.noisy(u, ab, 1.0 - ab, k_noise)
+  logits, updates = core.apply(model.block, variables, x, z, train=True, rng=k_drop,
+                               precision=precision)
+  err = jnp.mean(jnp.sum((jax.nn.softmax(logits) @ W - u) ** 2, axis=-1))
+  return err, (updates, jnp.mean(jnp.argmax(logits, -1) == y))
 
 
-def _stack(trees):
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+def loss(model: Model, blocks: dict, shared: dict, x: jax.Array, y: jax.Array,
+         key: jax.Array, precision: str = "float32") -> tuple[jax.Array, Metrics]:
+  """NoProp-DT's objective (Eq. 8) on one batch:
 
+    L = E_q[-log p(y | z_T)] + KL(q(z_0 | y) || p(z_0))
+        + (T / 2) eta E_{t ~ U{1..T}} [(SNR(t) - SNR(t-1)) ||u_hat_t(z_{t-1}, x) - u_y||^2],
 
-def _unrolled(fn: Callable, k: int) -> Callable:
-  """fn over k stacked blocks as k separate copies in the program (no batching)."""
-
-  def mapped(*stacked):
-    return _stack([fn(*jax.tree.map(lambda a: a[i], stacked)) for i in range(k)])
-
-  return mapped
-
-
-def block_gradients(cfg: Config, formulation: str, blocks, shared, x, y, key,
-                    blocks_per_step: int | None = None):
-  """Every block's loss and gradient, mapped over the stacked T axis.
-
-  k = `blocks_per_step` blocks are computed at once ('vmap': batched into one
-  program, fast on GPU/TPU; 'unroll': k copies, fast on XLA:CPU) and the T / k
-  chunks run one after another in a `lax.scan` inside the same step; 'scan' is
-  k = 1. Chunk c holds blocks {c, c + T/k, c + 2T/k, ...}, so on a mesh whose
-  'blocks' axis splits the stacked T axis every chunk spreads over all devices.
-  The results are the same for every k up to floating-point reordering; k
-  trades speed for temporary memory. Shared-parameter gradients are summed
-  over blocks. Returns (loss [T], new batch_stats, grads [T...], shared grads, metrics).
+  the expectation over t computed exactly, as the mean over the T blocks. `train_step`
+  takes this function's gradient block by block (tests check that they agree).
   """
-  T = cfg.T
-  k = 1 if formulation == "scan" else (blocks_per_step or T)
-  if formulation not in ("vmap", "unroll", "scan"):
-    raise ValueError(f"unknown formulation {formulation!r}")
-  if T % k:
-    raise ValueError(f"blocks_per_step {k} must divide T={T}")
-  one = _block_grad_fn(cfg, shared, x, y)
-  inner = _unrolled(one, k) if formulation == "unroll" else jax.vmap(one)
-  idx = jnp.arange(T)
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, idx)
-  xs = (blocks["params"], blocks["batch_stats"], idx, keys)
-  sum_blocks = lambda g: jax.tree.map(lambda a: a.sum(0), g)
-  if k == T:
-    loss, new_s, gp, gs, m = inner(*xs)
-    return loss, new_s, gp, sum_blocks(gs), m
-  n = T // k  # chunks; [T, ...] -> [n, k, ...] with chunk c = blocks c, c + n, ...
-  to_chunks = lambda t: jax.tree.map(lambda a: a.reshape(k, n, *a.shape[1:]).swapaxes(0, 1), t)
-  from_chunks = lambda t: jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(T, *a.shape[2:]), t)
-
-  def body(acc, chunk):
-    loss, new_s, gp, gs, m = inner(*chunk)
-    return jax.tree.map(jnp.add, acc, sum_blocks(gs)), (loss, new_s, gp, m)
-
-  gs, out = lax.scan(body, jax.tree.map(jnp.zeros_like, shared), to_chunks(xs))
-  loss, new_s, gp, m = from_chunks(out)
-  return loss, new_s, gp, gs, m
+  k_blocks, k_head = jax.random.split(key)
+  _, (ce, kl) = head_terms(model, shared, y, k_head)
+  W = core.embedding_matrix(shared, model.num_classes)
+  t = jnp.arange(1, model.T + 1)
+  error = lambda v, t: denoise_error(model, v, W, core.to_float(x), y, t,
+                                     jax.random.fold_in(k_blocks, t), precision)[0]
+  err_T = jax.vmap(error)(blocks, t)
+  snr = model.schedule.snr
+  denoise = 0.5 * model.T * model.eta * jnp.mean((snr[1:] - snr[:-1]) * err_T)
+  return ce + kl + denoise, {"ce": ce, "kl": kl, "denoise": denoise}
 
 
 # ----------------------------------------------------------------------------- training steps
 
-def step_key(cfg: Config, step: jax.Array) -> jax.Array:
-  """The training step's PRNG key: fold_in of the step (every method draws its noise from it)."""
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 1), step)
-
-
-def _update_shared(cfg: Config, state: State, g_from_blocks, y: jax.Array, key: jax.Array):
-  """The head/embedding step: head loss (CE + KL) plus the blocks' gradients to `shared`.
-
-  Returns (head loss, head metrics, new shared params, new shared optimizer state).
-  """
-  (loss_h, mh), g_head = jax.value_and_grad(partial(head_loss, cfg), has_aux=True)(
+def _update_shared(model, optim, state, g_from_blocks, y, key):
+  """The head/embedding step on CE + KL plus the blocks' gradients to the embedding."""
+  (loss_h, (ce, kl)), g_head = jax.value_and_grad(partial(head_terms, model), has_aux=True)(
       state["shared"], y, key)
-  g_shared = jax.tree.map(jnp.add, g_from_blocks, g_head)
-  upd, opt_shared = optimizer(cfg).update(g_shared, state["opt_shared"], state["shared"])
-  return loss_h, mh, optax.apply_updates(state["shared"], upd), opt_shared
+  g = jax.tree.map(jnp.add, g_from_blocks, g_head)
+  upd, opt_shared = core.adamw(optim).update(g, state["opt_shared"], state["shared"])
+  return loss_h, {"ce": ce, "kl": kl}, optax.apply_updates(state["shared"], upd), opt_shared
 
 
-def parallel_step(cfg: Config, state: State, x: jax.Array, y: jax.Array) -> tuple[State, Metrics]:
-  """One optimizer step of all T blocks (and the head/embedding) on one batch."""
-  x = to_float(x)
-  key = step_key(cfg, state["step"])
-  k_blocks, k_head = jax.random.split(key)
-  loss_b, new_stats, g_blocks, g_shared, m = block_gradients(
-      cfg, cfg.resolved_formulation(), state["blocks"], state["shared"], x, y, k_blocks,
-      cfg.resolved_blocks_per_step())
-  loss_h, mh, shared, opt_shared = _update_shared(cfg, state, g_shared, y, k_head)
+def _block_grad(model, shared, x, y, key, precision, n_blocks):
+  """(block t's variables, t) -> its weighted term, error, updates, accuracy and gradients.
+
+  The weight is d L / d error_t with E_t estimated over `n_blocks` blocks:
+  (T / 2) eta (SNR(t) - SNR(t-1)) / n_blocks (all T: Eq. 8 exactly; Algorithm 1: one)."""
+  snr = model.schedule.snr
+
+  def one(inp):
+    variables, t = inp
+    weight = 0.5 * model.T * model.eta * (snr[t] - snr[t - 1]) / n_blocks
+
+    def term(params, shared):
+      W = core.embedding_matrix(shared, model.num_classes)
+      err, aux = denoise_error(model, {**variables, "params": params}, W, x, y, t,
+                               jax.random.fold_in(key, t), precision)
+      return weight * err, (err, aux)
+
+    (val, (err, (updates, acc))), (g_p, g_s) = jax.value_and_grad(
+        term, argnums=(0, 1), has_aux=True)(variables["params"], shared)
+    return val, err, updates, acc, g_p, g_s
+
+  return one
+
+
+def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
+               y: jax.Array) -> tuple[State, Metrics]:
+  """One optimizer step of all T blocks and the head/embedding on one batch: `loss`'s
+  gradient, block t's computed from its own term only (`compute`: resolved settings)."""
+  x = core.to_float(x)
+  k_blocks, k_head = jax.random.split(core.step_key(state))
+  one = _block_grad(model, state["shared"], x, y, k_blocks, compute.precision, model.T)
+  t = jnp.arange(1, model.T + 1)
+  val, err, updates, acc, g_blocks, g_shared = core.map_blocks(one, (state["blocks"], t), compute)
+  g_shared = jax.tree.map(lambda a: a.sum(0), g_shared)
+  loss_h, mh, shared, opt_shared = _update_shared(model, optim, state, g_shared, y, k_head)
   params = state["blocks"]["params"]
-  upd, opt_blocks = jax.vmap(optimizer(cfg).update)(g_blocks, state["opt_blocks"], params)
-  new_state = {"step": state["step"] + 1,
-               "blocks": {"params": optax.apply_updates(params, upd), "batch_stats": new_stats},
-               "shared": shared, "opt_blocks": opt_blocks, "opt_shared": opt_shared}
-  metrics = {"loss": loss_b.sum() + loss_h, "block_loss": loss_b, "block_mse": m["mse"],
-             "block_accuracy": m["accuracy"], **mh}
-  return new_state, metrics
+  upd, opt_blocks = jax.vmap(core.adamw(optim).update)(g_blocks, state["opt_blocks"], params)
+  blocks = {**state["blocks"], **updates, "params": optax.apply_updates(params, upd)}
+  new_state = {**state, "step": state["step"] + 1, "blocks": blocks, "shared": shared,
+               "opt_blocks": opt_blocks, "opt_shared": opt_shared}
+  return new_state, {"loss": val.sum() + loss_h, "block_loss": val, "block_mse": err,
+                     "block_accuracy": acc, **mh}
 
 
-def sequential_step(cfg: Config, state: State, x: jax.Array, y: jax.Array,
-                    block: jax.Array) -> tuple[State, Metrics]:
-  """Algorithm 1's step: update only block `block` (a traced index) and the head/embedding.
-
-  Its objective is Eq. 8 with E_t estimated by the one t being trained:
-  CE + KL + (T/2) eta dSNR(t) ||u_hat_t - u_y||^2, i.e. T times the block's share.
-  """
-  x = to_float(x)
-  key = step_key(cfg, state["step"])
-  k_block, k_head = jax.random.split(key)
-  take = lambda tree: jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, block, keepdims=False), tree)
-  put = lambda tree, new: jax.tree.map(
-      lambda a, v: lax.dynamic_update_index_in_dim(a, v, block, 0), tree, new)
-  one = _block_grad_fn(cfg, state["shared"], x, y, scale=float(cfg.T))
-  p, s, o = take(state["blocks"]["params"]), take(state["blocks"]["batch_stats"]), take(state["opt_blocks"])
-  loss_b, new_s, g_p, g_shared, m = one(p, s, block, jax.random.fold_in(k_block, block))
-  loss_h, mh, shared, opt_shared = _update_shared(cfg, state, g_shared, y, k_head)
-  upd, new_o = optimizer(cfg).update(g_p, o, p)
-  new_state = {"step": state["step"] + 1,
-               "blocks": {"params": put(state["blocks"]["params"], optax.apply_updates(p, upd)),
-                          "batch_stats": put(state["blocks"]["batch_stats"], new_s)},
-               "shared": shared, "opt_blocks": put(state["opt_blocks"], new_o),
+def sequential_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
+                    y: jax.Array, block: jax.Array) -> tuple[State, Metrics]:
+  """Algorithm 1's step: update block `block` (0-based, may be traced) and the head/embedding,
+  on Eq. 8 with E_t estimated by that one block."""
+  x = core.to_float(x)
+  k_blocks, k_head = jax.random.split(core.step_key(state))
+  one = _block_grad(model, state["shared"], x, y, k_blocks, compute.precision, 1)
+  variables, o = core.take(state["blocks"], block), core.take(state["opt_blocks"], block)
+  val, err, updates, acc, g_p, g_shared = one((variables, block + 1))
+  loss_h, mh, shared, opt_shared = _update_shared(model, optim, state, g_shared, y, k_head)
+  upd, new_o = core.adamw(optim).update(g_p, o, variables["params"])
+  new = {**variables, **updates, "params": optax.apply_updates(variables["params"], upd)}
+  new_state = {**state, "step": state["step"] + 1, "blocks": core.put(state["blocks"], block, new),
+               "shared": shared, "opt_blocks": core.put(state["opt_blocks"], block, new_o),
                "opt_shared": opt_shared}
-  return new_state, {"loss": loss_b + loss_h, "block_mse": m["mse"],
-                     "block_accuracy": m["accuracy"], **mh}
+  return new_state, {"loss": val + loss_h, "block_mse": err, "block_accuracy": acc, **mh}
 
 
-@partial(jax.jit, static_argnums=0)
-def loss(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.Array) -> jax.Array:
-  """The total NoProp-DT objective (Eq. 8, summed over t) on one batch, in training mode."""
-  x = to_float(x)
-  k_blocks, k_head = jax.random.split(key)
-  idx = jnp.arange(cfg.T)
-  keys = jax.vmap(jax.random.fold_in, (None, 0))(k_blocks, idx)  # as block_gradients draws them
-  one = lambda p, s, i, k: block_loss(cfg, p, s, state["shared"], x, y, i, k)[0]
-  loss_b = jax.vmap(one)(state["blocks"]["params"], state["blocks"]["batch_stats"], idx, keys)
-  return loss_b.sum() + head_loss(cfg, state["shared"], y, k_head)[0]
-
-
-def make_train_step(cfg: Config) -> Callable[[State, jax.Array, jax.Array], tuple[State, Metrics]]:
+def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Compute()):
   """Jitted `(state, x, y) -> (state, metrics)` updating all blocks; donates `state`."""
-  return jax.jit(partial(parallel_step, cfg), donate_argnums=0)
+  return core.jit_step(train_step, model, optim, compute.resolve(model.T))
 
 
 # ----------------------------------------------------------------------------- inference
 
-def image_features(cfg: Config, state: State, x: jax.Array) -> jax.Array:
-  """Each block's image pathway on x: [T, B, 256]. Independent of z, so computed once."""
-  model = make_model(cfg)
-  x = to_float(x)
-  f = lambda p, s: model.apply({"params": p, "batch_stats": s}, x, train=False,
-                               method=DTBlock.features)
-  params, stats = state["blocks"]["params"], state["blocks"]["batch_stats"]
-  if cfg.resolved_formulation() == "unroll":  # XLA:CPU runs grouped (vmapped) convs slowly
-    take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
-    return jnp.stack([f(take(params, i), take(stats, i)) for i in range(cfg.T)])
-  return jax.vmap(f)(params, stats)
+def _inference_compute(model: Model, compute: Compute | None) -> Compute:
+  """All T blocks at once, unrolled where the training step unrolls (XLA:CPU)."""
+  form = (compute or Compute()).resolve(model.T).formulation
+  return Compute("unroll" if form == "unroll" else "vmap")
 
 
-def denoise_chain(cfg: Config, state: State, feats_TBF: jax.Array, z0_BD: jax.Array,
+def features(model: Model, compute: Compute, state: State, x: jax.Array) -> jax.Array | None:
+  """Each block's z-independent pathway on x, [T, B, ...], computed once per input;
+  None for a block without the split (the chain then runs whole blocks)."""
+  if not core.has_split(model.block):
+    return None
+  x = core.to_float(x)
+  return core.map_blocks(lambda v: core.features(model.block, v, x), state["blocks"], compute)
+
+
+def denoise_chain(model: Model, state: State, x: jax.Array, feats_TB, z0_BD: jax.Array,
                   eps_TBD: jax.Array) -> jax.Array:
   """z_t = a_t u_hat_t(z_{t-1}, x) + b_t z_{t-1} + sqrt(c_t) eps_t for t = 1..T (lax.scan)."""
-  sched, model = schedule(cfg), make_model(cfg)
-  W = embedding_matrix(state["shared"], cfg)
+  s, W = model.schedule, core.embedding_matrix(state["shared"], model.num_classes)
+  x = core.to_float(x)
 
   def step(z, inp):
-    p, s, f, a, b, c, eps = inp
-    logits = model.apply({"params": p, "batch_stats": s}, f, z, train=False,
-                         method=DTBlock.logits_from_features)
+    v, h, a, b, c, eps = inp
+    logits = core.from_features(model.block, v, x if h is None else h, z)
     return a * (jax.nn.softmax(logits) @ W) + b * z + jnp.sqrt(c) * eps, None
 
-  xs = (state["blocks"]["params"], state["blocks"]["batch_stats"], feats_TBF,
-        sched.a, sched.b, sched.c, eps_TBD)
-  return lax.scan(step, z0_BD, xs)[0]
+  return lax.scan(step, z0_BD, (state["blocks"], feats_TB, s.a, s.b, s.c, eps_TBD))[0]
 
 
-def output_logits(cfg: Config, state: State, z_BD: jax.Array) -> jax.Array:
-  return class_logits(cfg, state["shared"], z_BD)
+def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = None,
+            mode: str = "mean", compute: Compute | None = None) -> jax.Array:
+  """Class logits [B, m] for inputs x.
 
-
-@partial(jax.jit, static_argnames=("cfg", "mode"))
-def predict(cfg: Config, state: State, x: jax.Array, key: jax.Array | None = None,
-            mode: str | None = None) -> jax.Array:
-  """Class logits for images x [B, H, W, C].
-
-  mode 'mean' (default): the deterministic mean path, z_0 = E[z_0] = 0 and
-  eps_t = 0; it is reproducible and, early in training, more accurate than
-  sampling (DESIGN.md section 10). mode 'stochastic': the paper's sampling,
-  z_0 ~ N(0, I) and eps_t ~ N(0, I); needs `key`.
+  mode 'mean': the deterministic mean path, z_0 = E[z_0] = 0 and eps_t = 0 (reproducible
+  and, early in training, more accurate than sampling); 'stochastic': the paper's
+  sampling, z_0 ~ N(0, I) and eps_t ~ N(0, I), needs `key`.
   """
-  check_images(x, cfg)
-  mode = mode or cfg.inference
-  feats = image_features(cfg, state, x)
-  shape = (x.shape[0], cfg.embedding_dim)
-  if mode == "mean":
-    z0, eps = jnp.zeros(shape), jnp.zeros((cfg.T, *shape))
-  elif mode == "stochastic":
-    if key is None:
-      raise ValueError("stochastic inference needs a PRNG key")
-    k0, k1 = jax.random.split(key)
-    z0, eps = jax.random.normal(k0, shape), jax.random.normal(k1, (cfg.T, *shape))
-  else:
-    raise ValueError(f"unknown inference mode {mode!r}; choose 'mean' or 'stochastic'")
-  return output_logits(cfg, state, denoise_chain(cfg, state, feats, z0, eps))
+  core.check_inputs(x, model.input_shape)
+  core.check_choice("inference mode", mode, core.INFERENCE_MODES)
+  if mode == "stochastic" and key is None:
+    raise ValueError("stochastic inference needs a PRNG key")
+  return _predict(model, _inference_compute(model, compute), state, x, key, mode)
 
 
-def eval_counts(cfg: Config, state: State, x: jax.Array, y: jax.Array, key: jax.Array,
-                runs: int) -> tuple[jax.Array, jax.Array]:
-  """(correct with the mean path, [runs] correct with sampling) on one batch.
+@partial(jax.jit, static_argnames=("model", "compute", "mode"))
+def _predict(model, compute, state, x, key, mode):
+  k0, k1 = jax.random.split(key) if key is not None else (None, None)
+  shape = (x.shape[0], model.dim)
+  z0 = core.inference_noise(mode, shape, k0)
+  eps = core.inference_noise(mode, (model.T, *shape), k1)
+  z_T = denoise_chain(model, state, x, features(model, compute, state, x), z0, eps)
+  return class_logits(model, state["shared"], z_T)
 
-  Each block's image pathway runs once; the mean path and every sampled run
-  reuse it. Labels of -1 (padding) never count.
-  """
-  feats = image_features(cfg, state, x)
-  B = y.shape[0]
-  shape = (cfg.T, B, cfg.embedding_dim)
-  z_mean = denoise_chain(cfg, state, feats, jnp.zeros(shape[1:]), jnp.zeros(shape))
-  correct = lambda z: jnp.sum(jnp.argmax(output_logits(cfg, state, z), -1) == y)
+
+def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: jax.Array,
+                key: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
+  """(correct with the mean path, [runs] correct with sampling) on one batch; each block's
+  `features` run once, for all paths. Labels -1 (padding) never count."""
+  compute = _inference_compute(model, compute)
+  feats = features(model, compute, state, x)
+  shape = (model.T, y.shape[0], model.dim)
+  correct = lambda z0, eps: core.count_correct(
+      class_logits(model, state["shared"], denoise_chain(model, state, x, feats, z0, eps)), y, 1)[0]
 
   def sample(k):
     k0, k1 = jax.random.split(k)
-    return correct(denoise_chain(cfg, state, feats, jax.random.normal(k0, shape[1:]),
-                                 jax.random.normal(k1, shape)))
+    return correct(jax.random.normal(k0, shape[1:]), jax.random.normal(k1, shape))
 
   stoch = jax.vmap(sample)(jax.random.split(key, runs)) if runs else jnp.zeros((0,), jnp.int32)
-  return correct(z_mean), stoch
+  return correct(jnp.zeros(shape[1:]), jnp.zeros(shape)), stoch
+
+
+def describe(model: Model, compute: Compute, state: State) -> str:
+  """One line for the run's banner."""
+  return (f"T={model.T}, {num_block_params(state):,} parameters per block, "
+          f"formulation={compute.formulation}, {compute.blocks_per_step} blocks per step")

@@ -23,7 +23,7 @@ class DTSchedule(NamedTuple):
   a: jnp.ndarray  # [T], posterior coefficients for t = 1..T (index t - 1)
   b: jnp.ndarray  # [T]
   c: jnp.ndarray  # [T]
-  weight: jnp.ndarray  # [T], (T / 2) * eta * (SNR(t) - SNR(t-1))
+  dsnr: jnp.ndarray  # [T], SNR(t) - SNR(t-1) for t = 1..T (index t - 1), > 0
 
 
 def cosine_alpha_bar(T: int, lo: float = 1e-4, hi: float = 0.9999, s: float = 0.008) -> np.ndarray:
@@ -36,7 +36,9 @@ def cosine_alpha_bar(T: int, lo: float = 1e-4, hi: float = 0.9999, s: float = 0.
   return np.clip(f / f[-1], lo, hi)
 
 
-def dt_schedule(T: int, eta: float, lo: float = 1e-4, hi: float = 0.9999) -> DTSchedule:
+def dt_schedule(T: int, lo: float = 1e-4, hi: float = 0.9999) -> DTSchedule:
+  """The cosine schedule's alpha_bar, SNR, posterior coefficients (z_t = a_t u_hat_t + b_t
+  z_{t-1} + sqrt(c_t) eps) and the SNR increments that weigh Eq. 8's denoising terms."""
   ab = cosine_alpha_bar(T, lo, hi)
   if not np.all(np.diff(ab) > 0):
     raise ValueError(f"alpha_bar must increase strictly with t; T={T}, clip [{lo}, {hi}] "
@@ -47,9 +49,8 @@ def dt_schedule(T: int, eta: float, lo: float = 1e-4, hi: float = 0.9999) -> DTS
   a = np.sqrt(ab_t) * (1 - alpha_prev) / (1 - ab_prev)
   b = np.sqrt(alpha_prev) * (1 - ab_t) / (1 - ab_prev)
   c = (1 - ab_t) * (1 - alpha_prev) / (1 - ab_prev)
-  weight = 0.5 * T * eta * (snr[1:] - snr[:-1])
   f32 = lambda v: jnp.asarray(v, jnp.float32)
-  return DTSchedule(f32(ab), f32(snr), f32(a), f32(b), f32(c), f32(weight))
+  return DTSchedule(f32(ab), f32(snr), f32(a), f32(b), f32(c), f32(snr[1:] - snr[:-1]))
 
 
 # ----------------------------------------------------------------------------- continuous time

@@ -1,7 +1,7 @@
 """Device meshes: NoProp-DT's stacked blocks split on a 'blocks' axis, batches on 'data'.
 
-  mesh = make_mesh(cfg)                      # cfg.mesh = "blocks=4,data=2"
-  state = jax.device_put(state, state_shardings(cfg, mesh, state))
+  mesh = make_mesh("blocks=4,data=2")
+  state = jax.device_put(state, state_shardings(dt.STACKED, mesh, state))
 
 Every leaf with the stacked T axis (block parameters, BatchNorm statistics,
 the blocks' optimizer state) is split along 'blocks'; the head, embedding,
@@ -19,32 +19,31 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from noprop_jax.config import MESH_AXES, Config
+from noprop_jax.config import parse_mesh
 
-STACKED = ("blocks", "opt_blocks")  # DT state entries whose leaves lead with the T axis
+AXES = ("blocks", "data")
 
 
-def make_mesh(cfg: Config, devices=None) -> Mesh | None:
-  """The ('blocks', 'data') mesh of cfg.mesh over the first devices, or None for ''."""
-  if not cfg.mesh:
+def make_mesh(spec: str, devices=None) -> Mesh | None:
+  """The ('blocks', 'data') mesh of a spec like 'blocks=4,data=2' over the first devices,
+  or None for ''."""
+  if not spec:
     return None
-  shape = cfg.mesh_shape
+  shape = parse_mesh(spec)
   n = shape["blocks"] * shape["data"]
   devices = list(jax.devices() if devices is None else devices)
   if n > len(devices):
-    raise ValueError(f"--mesh {cfg.mesh} needs {n} devices, but {len(devices)} are visible "
+    raise ValueError(f"--mesh {spec} needs {n} devices, but {len(devices)} are visible "
                      f"({jax.default_backend()}); on CPU, simulate more with XLA_FLAGS="
                      f"--xla_force_host_platform_device_count={n} set before JAX starts")
-  return Mesh(np.array(devices[:n]).reshape(shape["blocks"], shape["data"]), MESH_AXES)
+  return Mesh(np.array(devices[:n]).reshape(shape["blocks"], shape["data"]), AXES)
 
 
-def state_shardings(cfg: Config, mesh: Mesh, state: Any) -> Any:
-  """A NamedSharding per leaf of `state` (arrays, shapes or tracers)."""
-  repl = NamedSharding(mesh, P())
-  if cfg.method != "dt":
-    return jax.tree.map(lambda _: repl, state)
-  split = NamedSharding(mesh, P("blocks"))
-  return {k: jax.tree.map(lambda _, s=(split if k in STACKED else repl): s, v)
+def state_shardings(stacked: tuple[str, ...], mesh: Mesh, state: Any) -> Any:
+  """A NamedSharding per leaf of `state` (arrays, shapes or tracers): the entries named in
+  `stacked` (the method's STACKED) split along 'blocks', the rest replicated."""
+  repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("blocks"))
+  return {k: jax.tree.map(lambda _, s=(split if k in stacked else repl): s, v)
           for k, v in state.items()}
 
 

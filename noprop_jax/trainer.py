@@ -1,11 +1,16 @@
-"""The training loop behind experiments/train.py: device-resident data, one
-jitted step per batch, per-epoch evaluation, checkpoints and exact resume."""
+"""The training loop behind experiments/train.py: the data on the device, one jitted step
+per batch, evaluation, checkpoints and exact resume, for any method.
+
+`train` reads top to bottom: `setup` builds everything once, `run_epoch` trains one
+epoch, `evaluate` measures, `summarize` writes the summary. What differs per method
+comes from the method's module (`config.METHODS`): its Model, steps, evaluation and
+banner.
+"""
 
 import dataclasses
 import json
 import math
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,9 +20,9 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
-from noprop_jax import adjoint, backprop, continuous, dt, sharding
+from noprop_jax import blocks, core, sharding
 from noprop_jax.checkpoint import Checkpointer, guard_config
-from noprop_jax.config import Config
+from noprop_jax.config import METHODS, RunConfig
 from noprop_jax.data import Dataset, load
 from noprop_jax.prototypes import prototype_embedding
 
@@ -28,169 +33,182 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
-_MODULES = {"dt": dt, "ct": continuous, "fm": continuous, "backprop": backprop, "adjoint": adjoint}
+# ----------------------------------------------------------------------------- building blocks
+
+def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int,
+                compute: core.Compute):
+  """The method's Model for data of this shape, with the configured block. `compute` is
+  resolved; it picks the CPU convolution of the paper's block."""
+  method = METHODS[cfg.method]
+  looped = bool(method.STACKED) and (compute.formulation != "unroll"
+                                     or compute.blocks_per_step < cfg.T)
+  block = blocks.make(cfg.block, method.TIME_CONDITIONED, num_classes, tuple(input_shape),
+                      prototype=cfg.model.get("embedding") == "prototype", looped=looped)
+  return method.Model(block, tuple(input_shape), num_classes, **cfg.model)
 
 
-def method_module(cfg: Config):
-  """The module implementing cfg.method: `init`, `train_step`, `predict`, `eval_counts`,
-  `params_per_block`."""
-  return _MODULES[cfg.method]
+def resolve_compute(cfg: RunConfig) -> core.Compute:
+  return cfg.train.compute.resolve(cfg.T, cfg.train.mesh_shape["blocks"])
 
 
-def init_state(cfg: Config, key: jax.Array, train_images=None, train_labels=None):
-  """The method's initial state; prototype embeddings are computed from the training split
-  (without it, they are zeros: a template for restoring a checkpoint)."""
+def init_state(cfg: RunConfig, model, key: jax.Array, inputs=None, labels=None):
+  """The method's initial state; prototype embeddings come from the training split
+  (without it, zeros: a template for restoring a checkpoint)."""
   embed = None
-  if cfg.embedding == "prototype":
-    if train_images is None:
-      embed = jnp.zeros((cfg.num_classes, cfg.embedding_dim), jnp.float32)
-    else:
-      embed = prototype_embedding(train_images, train_labels, cfg.num_classes)
-  return method_module(cfg).init(cfg, key, embed=embed)
+  if cfg.model.get("embedding") == "prototype":
+    embed = (jnp.zeros((model.num_classes, model.dim), jnp.float32) if inputs is None
+             else prototype_embedding(inputs, labels, model.num_classes))
+  return METHODS[cfg.method].init(model, key, cfg.train.optim, embed=embed)
 
 
-def class_embeddings(cfg: Config, state) -> jax.Array:
-  """W_embed [m, d] of a state of any method (the identity for one-hot)."""
-  return dt.embedding_matrix(state["shared"] if cfg.method == "dt" else state["params"], cfg)
+def make_epoch_step(cfg: RunConfig, model, compute: core.Compute, n_train: int) -> Callable:
+  """Jitted `(state, inputs, labels) -> (state, metrics)` on the whole training split.
 
-
-def predict(cfg: Config, state, x: jax.Array, key: jax.Array | None = None,
-            mode: str | None = None) -> jax.Array:
-  """Class scores [B, m] for images x of any method (argmax is the prediction)."""
-  return method_module(cfg).predict(cfg, state, x, key=key, mode=mode)
-
-
-def make_epoch_step(cfg: Config, n_train: int) -> Callable:
-  """Jitted `(state, images, labels) -> (state, metrics)`.
-
-  The batch is cut on the device from the whole training split: pass p =
-  step // steps_per_pass is shuffled by a permutation keyed on (seed, p), so a
-  run resumed at any step sees exactly the batches it would have seen.
-  Sequential training (Algorithm 1) updates block p % T during pass p.
-  With cfg.mesh, the batch is split on the mesh's 'data' axis and the state
-  keeps the shardings of `sharding.state_shardings` (stacked blocks on 'blocks').
+  The batch is cut on the device: pass p = step // steps_per_pass is shuffled by a
+  permutation keyed on (the run's key, p), so a run resumed at any step sees exactly
+  the batches it would have seen. Sequential training (Algorithm 1) updates block
+  p % T during pass p. With a mesh, the batch is split on 'data' and the method's
+  stacked state on 'blocks'.
   """
-  B = cfg.batch_size
-  per_pass = n_train // B
-  mesh = sharding.make_mesh(cfg)
+  method, B = METHODS[cfg.method], cfg.train.batch_size
+  per_pass, optim = n_train // B, cfg.train.optim
+  mesh = sharding.make_mesh(cfg.train.mesh)
 
-  def step(state, images, labels):
+  def step(state, inputs, labels):
     p, i = jnp.divmod(state["step"], per_pass)
-    # Derived from the seed inside the step: a Python-side key would be a host transfer.
-    data_key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
-    perm = jax.random.permutation(jax.random.fold_in(data_key, p), n_train)
+    perm = jax.random.permutation(jax.random.fold_in(core.stream(state, 2), p), n_train)
     idx = lax.dynamic_slice_in_dim(perm, i * B, B)
-    x, y = images[idx], labels[idx]
+    x, y = inputs[idx], labels[idx]
     if mesh is not None:
       x, y = sharding.constrain((x, y), sharding.batch_sharding(mesh))
-    if cfg.method == "dt":
-      if cfg.training == "sequential":
-        state, m = dt.sequential_step(cfg, state, x, y, p % cfg.T)
-      else:
-        state, m = dt.parallel_step(cfg, state, x, y)
+    if cfg.train.training == "sequential":
+      state, m = method.sequential_step(model, optim, compute, state, x, y, p % cfg.T)
     else:
-      state, m = method_module(cfg).train_step(cfg, state, x, y)
+      state, m = method.train_step(model, optim, compute, state, x, y)
     if mesh is not None:
-      state = sharding.constrain(state, sharding.state_shardings(cfg, mesh, state))
+      state = sharding.constrain(state, sharding.state_shardings(method.STACKED, mesh, state))
     return state, m
 
   return jax.jit(step, donate_argnums=0)
 
 
-def _peak_bytes(compiled) -> int | None:
-  m = compiled.memory_analysis()
-  if m is None:
-    return None
-  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
+def fit_blocks_per_step(cfg: RunConfig, num_classes: int, n_train: int, state, inputs, labels,
+                        fraction: float = 0.9, limit_bytes: float | None = None):
+  """(compute, model, compiled epoch step) with blocks_per_step 0 (auto) resolved.
 
-
-def fit_blocks_per_step(cfg: Config, n_train: int, state, images, labels, fraction: float = 0.9,
-                        limit_bytes: float | None = None) -> tuple[Config, Callable]:
-  """Resolve blocks_per_step 0 (auto): (cfg with it set, the compiled epoch step).
-
-  All T blocks at once is the fastest formulation; where the device reports its
-  memory (GPU/TPU), the largest divisor k of T whose compiled step needs at most
-  `fraction` of it (XLA's memory analysis, per device) is taken instead. On
-  XLA:CPU, which reports no limit, all T. `limit_bytes` overrides the device's
-  limit. Other settings pass through unchanged.
-  """
-  step = make_epoch_step(cfg, n_train)
-  if cfg.method != "dt" or cfg.training != "parallel" or cfg.blocks_per_step:
-    return cfg, step
+  All T blocks at once is fastest; where the device reports its memory (GPU/TPU), the
+  largest divisor k of T whose compiled step needs at most `fraction` of it (XLA's
+  memory analysis, per device) is taken. On XLA:CPU, which reports none, all T.
+  `limit_bytes` overrides the device's limit. Other methods pass through."""
+  compute = resolve_compute(cfg)
+  model = lambda c: build_model(cfg, inputs.shape[1:], num_classes, c)
+  auto = (METHODS[cfg.method].STACKED and cfg.train.training == "parallel"
+          and not cfg.train.blocks_per_step)
   limit = limit_bytes or (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-  if not limit:
-    return dataclasses.replace(cfg, blocks_per_step=cfg.resolved_blocks_per_step()), step
-  candidates = [k for k in range(cfg.T, 0, -1) if cfg.T % k == 0
-                and k % cfg.mesh_shape["blocks"] == 0]
-  if cfg.resolved_formulation() == "scan":
+  if not auto or not limit:
+    return compute, model(compute), make_epoch_step(cfg, model(compute), compute, n_train)
+  candidates = [k for k in range(cfg.T, 0, -1)
+                if cfg.T % k == 0 and k % cfg.train.mesh_shape["blocks"] == 0]
+  if compute.formulation == "scan":
     candidates = [1]
   need = {}
   for k in candidates:
-    c = dataclasses.replace(cfg, blocks_per_step=k)
-    compiled = make_epoch_step(c, n_train).lower(state, images, labels).compile()
-    need[k] = _peak_bytes(compiled)
+    c = dataclasses.replace(compute, blocks_per_step=k)
+    compiled = make_epoch_step(cfg, model(c), c, n_train).lower(state, inputs, labels).compile()
+    need[k] = core.peak_bytes(compiled)
     if need[k] is None or need[k] <= (fraction * limit if limit_bytes is None else limit):
-      return c, compiled
+      return c, model(c), compiled
   raise MemoryError(
       f"no blocks_per_step fits in the device's {limit / 2**30:.2f} GiB (use at most "
-      f"{fraction:.0%} of it): "
-      + ", ".join(f"k={k} needs {b / 2**30:.2f} GiB" for k, b in need.items())
+      f"{fraction:.0%} of it): " + ", ".join(f"k={k} needs {b / 2**30:.2f} GiB" for k, b in need.items())
       + "; lower --batch-size or shard the blocks over more devices (--mesh blocks=N)")
 
 
-def make_evaluator(cfg: Config, n: int, runs: int, batch: int = 500) -> Callable:
-  """Jitted `(state, images, labels, key) -> (mean-path accuracy, [runs] stochastic accuracies)`.
-
-  One call covers the whole split (lax.map over fixed-size batches of the
-  method's `eval_counts`, which computes the image pathway once per image).
-  """
+def make_evaluator(cfg: RunConfig, model, compute: core.Compute, n: int, runs: int,
+                   batch: int = 500) -> Callable:
+  """Jitted `(state, inputs, labels, key) -> (mean-path accuracy, [runs] sampled accuracies)`
+  over a whole split: `lax.map` over fixed-size batches of the method's `eval_counts`."""
   batch = min(batch, n)
   nb = math.ceil(n / batch)
+  counts = METHODS[cfg.method].eval_counts
 
-  def evaluate(state, images, labels, key):
+  def evaluate(state, inputs, labels, key):
     pad = nb * batch - n
-    xs = jnp.pad(images, [(0, pad)] + [(0, 0)] * 3).reshape(nb, batch, *images.shape[1:])
+    xs = jnp.pad(inputs, [(0, pad)] + [(0, 0)] * (inputs.ndim - 1)).reshape(nb, batch, *inputs.shape[1:])
     ys = jnp.pad(labels, (0, pad), constant_values=-1).reshape(nb, batch)
-
-    counts = method_module(cfg).eval_counts
-    one = lambda args: counts(cfg, state, *args, runs)
-
-    keys = jax.random.split(key, nb)
-    c_mean, c_stoch = lax.map(one, (xs, ys, keys))
+    one = lambda a: counts(model, compute, state, *a, runs)
+    c_mean, c_stoch = lax.map(one, (xs, ys, jax.random.split(key, nb)))
     return c_mean.sum() / n, c_stoch.sum(0) / n
 
   return jax.jit(evaluate)
 
 
-def load_run(workdir: str | Path, step: int | None = None) -> tuple[Config, Any, int]:
-  """(config, state, step) of a training run's checkpoint (the latest by default)."""
-  workdir = Path(workdir)
-  path = workdir / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a training run's workdir")
-  cfg = Config.from_dict(json.loads(path.read_text()))
+# ----------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class Run:
+  """Everything `setup` builds once."""
+
+  cfg: RunConfig
+  ds: Dataset
+  model: Any
+  compute: core.Compute
+  step_fn: Callable
+  eval_test: Callable
+  eval_train: Callable
+  arrays: dict  # train / test / train-subset inputs and labels, on the device(s)
+  per_epoch: int
+  ckpt: Checkpointer
+  start: int
+  meta: dict
+
+
+def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn) -> tuple[Run, Any]:
+  """Check the data, build the model, restore or initialise the state, compile the step."""
+  tr, method = cfg.train, METHODS[cfg.method]
+  for split in (ds.train, ds.test):
+    if split.images.shape[1:] != ds.train.images.shape[1:]:
+      raise ValueError(f"train and test inputs differ in shape: {ds.train.images.shape[1:]} "
+                       f"and {split.images.shape[1:]}")
+  n_train = len(ds.train.labels)
+  if n_train // tr.batch_size == 0:
+    raise ValueError(f"batch_size {tr.batch_size} is larger than the training set ({n_train})")
+  per_epoch = n_train // tr.batch_size * (cfg.T if tr.training == "sequential" else 1)
+  mesh = sharding.make_mesh(tr.mesh)
+  on = sharding.replicated(mesh) if mesh is not None else None  # whole splits on every device
+  sub = np.random.RandomState(tr.seed).permutation(n_train)[:TRAIN_EVAL_SIZE]
+  arrays = {k: (jax.device_put(s.images, on), jax.device_put(s.labels, on)) for k, s in
+            (("train", ds.train), ("test", ds.test))}
+  arrays["sub"] = (jax.device_put(ds.train.images[sub], on), jax.device_put(ds.train.labels[sub], on))
+
   ckpt = Checkpointer(workdir)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    state, _ = ckpt.restore(step, init_state(cfg, jax.random.key(cfg.seed)))
-  finally:
-    ckpt.close()
-  return cfg, state, step
-
-
-def _host_metrics(tree) -> dict[str, Any]:
-  return {k: (float(v) if np.ndim(v) == 0 else [float(a) for a in np.asarray(v)])
-          for k, v in jax.device_get(tree).items()}
-
-
-def _log(bar, step: int, metrics, ckpt_step: int | None, workdir: Path) -> None:
-  host = jax.device_get(metrics)
-  loss = float(host["loss"])
-  _check_finite(loss, step, ckpt_step, workdir)
-  bar.set_postfix(loss=f"{loss:.4g}", acc=f"{float(np.mean(host['block_accuracy'])):.3f}")
+  ckpt_step = ckpt.latest_step()
+  model = build_model(cfg, ds.train.images.shape[1:], ds.num_classes, resolve_compute(cfg))
+  with jax.transfer_guard("allow"):  # setup builds the state from host values; the loop won't
+    # A resumed run restores its embedding: prototypes are computed for a fresh one only.
+    fresh = (ds.train.images, ds.train.labels) if ckpt_step is None else ()
+    state = init_state(cfg, model, jax.random.key(tr.seed), *fresh)
+  meta = {"step": 0, "train_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
+  if ckpt_step is not None:
+    state, meta = ckpt.restore(ckpt_step, state)
+    print_fn(f"resuming from checkpoint at step {ckpt_step} (epoch {ckpt_step // per_epoch + 1}, "
+             f"{ckpt_step % per_epoch}/{per_epoch} steps into it)")
+  if mesh is not None:
+    state = jax.device_put(state, sharding.state_shardings(method.STACKED, mesh, state))
+  compute, model, step_fn = fit_blocks_per_step(cfg, ds.num_classes, n_train, state,
+                                                *arrays["train"])
+  run = Run(cfg, ds, model, compute, step_fn,
+            make_evaluator(cfg, model, compute, len(ds.test.labels), tr.inference_runs),
+            make_evaluator(cfg, model, compute, len(sub), 0), arrays, per_epoch, ckpt,
+            int(meta["step"]), meta)
+  how = method.describe(model, compute, state)
+  if tr.training == "sequential":
+    how += ", sequential training (Algorithm 1: one block per step)"
+  how += "".join([f", mesh {tr.mesh_shape}" if tr.mesh else "",
+                  f", {tr.precision} compute" if tr.precision != "float32" else ""])
+  print_fn(f"{method.NAME} on {ds.name} ({n_train} train / {len(ds.test.labels)} test, from "
+           f"{ds.source}); {how}, backend={jax.default_backend()}")
+  return run, state
 
 
 def _check_finite(value: float, step: int, ckpt_step: int | None, workdir: Path) -> None:
@@ -201,177 +219,156 @@ def _check_finite(value: float, step: int, ckpt_step: int | None, workdir: Path)
                              f"without saving: {where}. Try a lower --lr or --grad-clip.")
 
 
-def train(cfg: Config, workdir: str | Path, data_dir: str | None = None, verify: bool = True,
-          dataset: Dataset | None = None, checkpoint_every: int = 200, log_every: int = 10,
-          progress: bool = True, stop_at_step: int | None = None,
-          print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+def run_epoch(run: Run, state, epoch: int, workdir: Path, checkpoint_every: int, log_every: int,
+              progress: bool, stop_at_step: int | None, train_seconds: float):
+  """Train one epoch (or its rest, when resuming). Returns (state, last metrics, mean loss,
+  seconds), or None when `stop_at_step` (a simulated kill, for tests) is reached."""
+  first = max(run.start, epoch * run.per_epoch)
+  resumed = first == run.start
+  loss_sum = jnp.float32(run.meta["loss_sum"] if resumed else 0.0)
+  count = int(run.meta["loss_count"]) if resumed else 0
+  bar = tqdm(range(first, (epoch + 1) * run.per_epoch), initial=first - epoch * run.per_epoch,
+             total=run.per_epoch, desc=f"epoch {epoch + 1}/{run.cfg.train.epochs}",
+             disable=not progress, leave=False, dynamic_ncols=True)
+  t0, pending = time.perf_counter(), None  # the last log step's metrics, on their way to the host
+  for step in bar:
+    state, m = run.step_fn(state, *run.arrays["train"])
+    loss_sum, count, done = loss_sum + m["loss"], count + 1, step + 1
+    if done % log_every == 0:
+      # Read the previous interval's metrics (copied meanwhile), start this one's copy:
+      # the loop never waits on the device just to log.
+      if pending is not None:
+        host = jax.device_get(pending[1])
+        _check_finite(float(host["loss"]), pending[0], run.ckpt.latest_step(), workdir)
+        bar.set_postfix(loss=f"{float(host['loss']):.4g}",
+                        acc=f"{float(np.mean(host['block_accuracy'])):.3f}")
+      pending = (done, {k: m[k] for k in ("loss", "block_accuracy")})
+      for v in pending[1].values():
+        v.copy_to_host_async()
+    if done % checkpoint_every == 0 or done == stop_at_step:
+      # Never save (or stop) past a non-finite loss: check this step's, synchronously.
+      _check_finite(float(jax.device_get(m["loss"])), done, run.ckpt.latest_step(), workdir)
+    if done == stop_at_step:
+      return None
+    if done % checkpoint_every == 0 and done % run.per_epoch:
+      run.ckpt.save(done, state, {"step": done, "train_seconds": train_seconds + time.perf_counter() - t0,
+                                  "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count})
+  bar.close()
+  epoch_loss = float(jax.device_get(loss_sum)) / max(count, 1)
+  _check_finite(epoch_loss, (epoch + 1) * run.per_epoch, run.ckpt.latest_step(), workdir)
+  return state, m, epoch_loss, time.perf_counter() - t0
+
+
+def evaluate(run: Run, state, key, train_subset: bool = True) -> dict[str, Any]:
+  """Test accuracy by the mean path and sampled runs (and the train subset's)."""
+  t0 = time.perf_counter()
+  acc_mean, acc_stoch = jax.device_get(run.eval_test(state, *run.arrays["test"], key))
+  out = {"test_accuracy": float(acc_mean if run.cfg.train.inference == "mean" else acc_stoch.mean()),
+         "test_accuracy_mean_path": float(acc_mean),
+         "test_accuracy_stochastic": float(acc_stoch.mean()),
+         "test_accuracy_stochastic_runs": [float(a) for a in acc_stoch]}
+  if train_subset:
+    out["train_accuracy"] = float(jax.device_get(run.eval_train(state, *run.arrays["sub"], key))[0])
+  return {**out, "eval_seconds": time.perf_counter() - t0}
+
+
+def _host_metrics(tree) -> dict[str, Any]:
+  return {k: (float(v) if np.ndim(v) == 0 else [float(a) for a in np.asarray(v)])
+          for k, v in jax.device_get(tree).items()}
+
+
+def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
+          checkpoint_every: int = 200, log_every: int = 10, progress: bool = True,
+          stop_at_step: int | None = None, print_fn: Callable[[str], None] = print) -> dict | None:
   """Train `cfg` in `workdir` (resuming what is there) and return the summary.
 
-  `stop_at_step` simulates an interruption (for tests): training stops right
-  after that step, as a kill would, and the function returns None.
+  `dataset` overrides loading cfg.data. `stop_at_step` simulates an interruption (for
+  tests): training stops right after that step, as a kill would, and returns None.
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  # On several hosts (jax.distributed.initialize), every process runs this loop on its
-  # own devices and takes part in checkpointing; only process 0 writes the run's files.
+  # On several hosts every process trains and checkpoints; only process 0 writes files.
   primary = jax.process_index() == 0
-  if not primary:
-    print_fn = lambda _: None
-  guard_config(workdir, cfg.to_dict(), Config().to_dict())
-  ds = dataset if dataset is not None else load(cfg.dataset, data_dir, verify=verify)
-  if ds.num_classes != cfg.num_classes:
-    raise ValueError(f"dataset {ds.name!r} has {ds.num_classes} classes; config expects "
-                     f"{cfg.num_classes}")
-  dt.check_images(ds.train.images, cfg)
-  dt.check_images(ds.test.images, cfg)
-  n_train, n_test = len(ds.train.labels), len(ds.test.labels)
-  per_pass = n_train // cfg.batch_size
-  if per_pass == 0:
-    raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train})")
-  per_epoch = per_pass * (cfg.T if cfg.training == "sequential" else 1)
-  total = per_epoch * cfg.epochs
-
-  mesh = sharding.make_mesh(cfg)
-  on = sharding.replicated(mesh) if mesh is not None else None  # whole splits on every device
-  train_x, train_y = jax.device_put(ds.train.images, on), jax.device_put(ds.train.labels, on)
-  test_x, test_y = jax.device_put(ds.test.images, on), jax.device_put(ds.test.labels, on)
-  sub = np.random.RandomState(cfg.seed).permutation(n_train)[:TRAIN_EVAL_SIZE]
-  sub_x, sub_y = jax.device_put(ds.train.images[sub], on), jax.device_put(ds.train.labels[sub], on)
-
-  method = method_module(cfg)
-  ckpt = Checkpointer(workdir)
-  meta = {"step": 0, "train_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
-  ckpt_step = ckpt.latest_step()
-  # A resumed run restores its embedding: prototypes are only computed for a fresh one.
-  with jax.transfer_guard("allow"):  # setup builds the state from host values; the loop won't
-    state = init_state(cfg, jax.random.key(cfg.seed),
-                       *((ds.train.images, ds.train.labels) if ckpt_step is None else ()))
-    eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 3)
-    eval_keys = list(jax.random.split(eval_key, cfg.epochs))  # one per epoch, on the device
+  print_fn = print_fn if primary else (lambda _: None)
+  guard_config(workdir, cfg.flat())
+  ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_dir, verify=cfg.data.verify)
+  run, state = setup(cfg, workdir, ds, print_fn)
+  tr = cfg.train
+  with jax.transfer_guard("allow"):
+    eval_key = jax.random.fold_in(jax.random.key(tr.seed), 3)
+    eval_keys = list(jax.random.split(eval_key, tr.epochs))  # one per epoch, on the device
     final_key = jax.random.fold_in(eval_key, 10**6)
-  params_per_block = method.params_per_block(state)
-  if ckpt_step is not None:
-    state, meta = ckpt.restore(ckpt_step, state)
-    print_fn(f"resuming from checkpoint at step {ckpt_step} (epoch {ckpt_step // per_epoch + 1}, "
-             f"{ckpt_step % per_epoch}/{per_epoch} steps into it)")
-  if mesh is not None:
-    state = jax.device_put(state, sharding.state_shardings(cfg, mesh, state))
-  start = int(meta["step"])
-  start_epoch = start // per_epoch
   metrics_path = workdir / "metrics.jsonl"
+  start_epoch = run.start // run.per_epoch
   kept = [l for l in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
           if l.strip() and json.loads(l)["epoch"] <= start_epoch]
   if primary:
     metrics_path.write_text("".join(l + "\n" for l in kept))
-
-  run_cfg, step_fn = fit_blocks_per_step(cfg, n_train, state, train_x, train_y)
-  eval_test = make_evaluator(cfg, n_test, cfg.inference_runs)
-  eval_train = make_evaluator(cfg, len(sub), 0)
-  train_seconds = float(meta["train_seconds"])
-  if cfg.method == "dt":
-    how = (f"T={cfg.T}, {params_per_block:,} parameters per block, {cfg.training} training, "
-           f"formulation={run_cfg.resolved_formulation()}"
-           + (f", {run_cfg.resolved_blocks_per_step()} blocks per step"
-              if cfg.training == "parallel" else ""))
-  elif cfg.method == "backprop":
-    how = f"T={cfg.T} chained blocks of {params_per_block:,} parameters, trained end to end"
-  else:
-    how = (f"one time-conditioned block of {params_per_block:,} parameters, "
-           f"{cfg.inference_steps} Euler steps at inference"
-           + (" and in training (adjoint method)" if cfg.method == "adjoint" else ""))
-  if cfg.mesh:
-    how += f", mesh {cfg.mesh_shape}"
-  if cfg.precision != "float32":
-    how += f", {cfg.precision} compute"
-  name = {"backprop": "Backprop baseline", "adjoint": "Adjoint baseline"}.get(
-      cfg.method, f"NoProp-{cfg.method.upper()}")
-  print_fn(f"{name} on {ds.name} ({n_train} train / {n_test} test, from "
-           f"{ds.source}); {how}, backend={jax.default_backend()}")
-
+  train_seconds = float(run.meta["train_seconds"])
   try:
-    for epoch in range(start_epoch, cfg.epochs):
-      first = max(start, epoch * per_epoch)
-      loss_sum = jax.device_put(np.float32(meta["loss_sum"] if first == start else 0.0), on)
-      count = int(meta["loss_count"]) if first == start else 0
-      bar = tqdm(range(first, (epoch + 1) * per_epoch), initial=first - epoch * per_epoch,
-                 total=per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                 leave=False, dynamic_ncols=True)
-      t0 = time.perf_counter()
-      pending = None  # the last log step's metrics, on their way to the host
-      for step in bar:
-        state, m = step_fn(state, train_x, train_y)
-        loss_sum, count = loss_sum + m["loss"], count + 1
-        done = step + 1
-        if done % log_every == 0:
-          # Read the previous interval's metrics (copied meanwhile) and start this one's
-          # copy: the loop never waits on the device just to log.
-          if pending is not None:
-            _log(bar, *pending, ckpt.latest_step(), workdir)
-          pending = (done, {k: m[k] for k in ("loss", "block_accuracy")})
-          for v in pending[1].values():
-            v.copy_to_host_async()
-        if done % checkpoint_every == 0 or done == stop_at_step:
-          # Never save (or stop) past a non-finite loss: check this step's, synchronously.
-          _check_finite(float(jax.device_get(m["loss"])), done, ckpt.latest_step(), workdir)
-        if done == stop_at_step:
-          return None
-        if done % checkpoint_every == 0 and done % per_epoch:
-          secs = train_seconds + time.perf_counter() - t0
-          ckpt.save(done, state, {"step": done, "train_seconds": secs,
-                                  "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count})
-      bar.close()
-      epoch_loss = float(jax.device_get(loss_sum)) / max(count, 1)
-      _check_finite(epoch_loss, (epoch + 1) * per_epoch, ckpt.latest_step(), workdir)
-      seconds = time.perf_counter() - t0
+    for epoch in range(start_epoch, tr.epochs):
+      out = run_epoch(run, state, epoch, workdir, checkpoint_every, log_every, progress,
+                      stop_at_step, train_seconds)
+      if out is None:
+        return None
+      state, m, epoch_loss, seconds = out
       train_seconds += seconds
-      k = eval_keys[epoch]
       last = _host_metrics(m)  # the epoch's last step
-      record = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch, "train_loss": epoch_loss,
-                "seconds": seconds, **{name: v for name, v in last.items() if name != "loss"}}
-      evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+      record = {"epoch": epoch + 1, "step": (epoch + 1) * run.per_epoch, "train_loss": epoch_loss,
+                "seconds": seconds, **{k: v for k, v in last.items() if k != "loss"}}
+      evaluated = (epoch + 1) % tr.eval_every == 0 or epoch + 1 == tr.epochs
       if evaluated:
-        t_eval = time.perf_counter()
-        acc_mean, acc_stoch = jax.device_get(eval_test(state, test_x, test_y, k))
-        tr_mean, _ = jax.device_get(eval_train(state, sub_x, sub_y, k))
-        test_acc = float(acc_mean if cfg.inference == "mean" else acc_stoch.mean())
-        record.update({"train_accuracy": float(tr_mean), "test_accuracy": test_acc,
-                       "test_accuracy_mean_path": float(acc_mean),
-                       "test_accuracy_stochastic": float(acc_stoch.mean()),
-                       "eval_seconds": time.perf_counter() - t_eval})
+        e = evaluate(run, state, eval_keys[epoch])
+        record.update({k: v for k, v in e.items() if k != "test_accuracy_stochastic_runs"})
       if primary:
         with metrics_path.open("a") as f:
           f.write(json.dumps(record) + "\n")
-      ckpt.save((epoch + 1) * per_epoch, state,
-                {"step": (epoch + 1) * per_epoch, "train_seconds": train_seconds,
-                 "loss_sum": 0.0, "loss_count": 0})
+      done = (epoch + 1) * run.per_epoch
+      run.ckpt.save(done, state, {"step": done, "train_seconds": train_seconds, "loss_sum": 0.0,
+                                  "loss_count": 0})
       sched = (f", gamma_0 {last['gamma_0']:.3f}, gamma_1 {last['gamma_1']:.3f}"
                if "gamma_0" in last else "")
-      accs = (f", train acc {tr_mean:.4f}, test acc {test_acc:.4f} (mean path {acc_mean:.4f}, "
-              f"stochastic {acc_stoch.mean():.4f})" if evaluated else "")
-      print_fn(f"epoch {epoch + 1}/{cfg.epochs}: loss {epoch_loss:.4g}{accs}{sched}, "
-               f"{seconds:.1f}s")
+      accs = (f", train acc {e['train_accuracy']:.4f}, test acc {e['test_accuracy']:.4f} (mean "
+              f"path {e['test_accuracy_mean_path']:.4f}, stochastic "
+              f"{e['test_accuracy_stochastic']:.4f})" if evaluated else "")
+      print_fn(f"epoch {epoch + 1}/{tr.epochs}: loss {epoch_loss:.4g}{accs}{sched}, {seconds:.1f}s")
   finally:
-    ckpt.close()
-
-  acc_mean, acc_stoch = jax.device_get(
-      eval_test(state, test_x, test_y, final_key))
-  summary = {
-      "test_accuracy": float(acc_mean if cfg.inference == "mean" else acc_stoch.mean()),
-      "inference": cfg.inference,
-      "test_accuracy_mean_path": float(acc_mean),
-      "test_accuracy_stochastic": float(acc_stoch.mean()),
-      "test_accuracy_stochastic_runs": [float(a) for a in acc_stoch],
-      "params_per_block": params_per_block,
-      "train_seconds": train_seconds,
-      "epochs": cfg.epochs, "steps": total, "n_train": n_train, "n_test": n_test,
-      "data_source": ds.source, "backend": jax.default_backend(),
-      "formulation": run_cfg.resolved_formulation(), "conv_impl": run_cfg.resolved_conv_impl(),
-      **({"blocks_per_step": run_cfg.resolved_blocks_per_step()}
-         if cfg.method == "dt" and cfg.training == "parallel" else {}),
-      "mesh": cfg.mesh_shape, "precision": cfg.precision,
-      **({"inference_steps": cfg.inference_steps} if cfg.method != "dt" else {}),
-      "config": cfg.to_dict(),
-  }
+    run.ckpt.close()
+  summary = summarize(run, state, final_key, train_seconds)
   if primary:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
+
+
+def summarize(run: Run, state, key, train_seconds: float) -> dict[str, Any]:
+  e = evaluate(run, state, key, train_subset=False)
+  return {**{k: v for k, v in e.items() if k != "eval_seconds"},
+          "inference": run.cfg.train.inference,
+          "params_per_block": METHODS[run.cfg.method].num_block_params(state),
+          "train_seconds": train_seconds, "epochs": run.cfg.train.epochs,
+          "steps": run.per_epoch * run.cfg.train.epochs, "n_train": len(run.ds.train.labels),
+          "n_test": len(run.ds.test.labels), "input_shape": list(run.model.input_shape),
+          "num_classes": run.model.num_classes, "data_source": run.ds.source,
+          "backend": jax.default_backend(), "compute": dataclasses.asdict(run.compute),
+          "conv_impl": getattr(run.model.block, "conv_impl", None),
+          "mesh": run.cfg.train.mesh_shape, "config": run.cfg.to_dict()}
+
+
+def load_run(workdir: str | Path, step: int | None = None):
+  """(config, model, state, step) of a training run's checkpoint (the latest by default)."""
+  workdir = Path(workdir)
+  path = workdir / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a training run's workdir")
+  cfg = RunConfig.from_dict(json.loads(path.read_text()))
+  ckpt = Checkpointer(workdir)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    meta = ckpt.meta(step)
+    model = build_model(cfg, tuple(meta["input_shape"]), meta["num_classes"], resolve_compute(cfg))
+    state, _ = ckpt.restore(step, init_state(cfg, model, jax.random.key(0)))
+  finally:
+    ckpt.close()
+  return cfg, model, state, step

@@ -1,6 +1,10 @@
-"""The NoProp blocks (paper Figure 6) and class embeddings.
+"""Provided blocks: the paper's (Figure 6) and MLPs for vectors; `make` picks one by name.
 
-Parameter counts match the paper's Table 5 exactly when convolutions are
+Any Flax module with a method's signature can be a block (see `core`); these
+are the provided ones. Each splits itself into `features` (the pathway that
+ignores z and t) and `from_features`, so inference runs that pathway once.
+
+Parameter counts of the paper's blocks match the paper's Table 5 exactly when convolutions are
 unpadded and pooling floors. DT: 919,946 (MNIST), 1,215,434 (CIFAR-10),
 1,250,084 (CIFAR-100), BatchNorm scale and bias counted. CT/FM: 867,722
 (MNIST), 1,163,210 (CIFAR-10). With prototype embeddings (z reshaped to an
@@ -8,8 +12,8 @@ image through its own copy of the image pathway): DT 1,401,738 (MNIST),
 1,992,714 (CIFAR-10); CT 1,482,122 (MNIST).
 """
 
+import dataclasses
 import math
-
 from typing import Literal
 
 import flax.linen as nn
@@ -116,7 +120,7 @@ class DTBlock(nn.Module):
   """One NoProp-DT denoising block: (x, z_{t-1}) -> class logits.
 
   `features` (the image pathway) does not depend on z, so inference computes it
-  once per image and block and then runs only `logits_from_features` per step.
+  once per image and block and then runs only `from_features` per step.
   With `prototype_shape` (prototype embeddings, d = H * W * C) the noisy label
   is reshaped to an image and goes through its own copy of the image pathway
   instead of `LabelPath`.
@@ -144,10 +148,10 @@ class DTBlock(nn.Module):
   def __call__(self, x_BHWC: jax.Array, z_BD: jax.Array, train: bool) -> jax.Array:
     return self.fuse(self.image(x_BHWC, train), self._label(z_BD, train), train)
 
-  def features(self, x_BHWC: jax.Array, train: bool) -> jax.Array:
+  def features(self, x_BHWC: jax.Array, train: bool = False) -> jax.Array:
     return self.image(x_BHWC, train)
 
-  def logits_from_features(self, img_BF: jax.Array, z_BD: jax.Array, train: bool) -> jax.Array:
+  def from_features(self, img_BF: jax.Array, z_BD: jax.Array, train: bool = False) -> jax.Array:
     return self.fuse(img_BF, self._label(z_BD, train), train)
 
 
@@ -170,10 +174,10 @@ class CTBlock(nn.Module):
   FC256 -> ReLU -> FC128 -> ReLU -> FC m.
 
   The first fused layer is linear in the concatenation, so
-  concat(h_x, h_z, h_t) @ K = h_x @ K_x + h_z @ K_z + h_t @ K_t. `image_term`
+  concat(h_x, h_z, h_t) @ K = h_x @ K_x + h_z @ K_z + h_t @ K_t. `features`
   computes h_x @ K_x + bias once per image (the conv tower is most of the
-  block's FLOPs); `logits_from_image_term` is the cheap rest, run at every
-  solver step. `__call__` is the plain, naive evaluation of the whole block.
+  block's FLOPs); `from_features` is the cheap rest, run at every solver step.
+  `__call__` is the plain evaluation of the whole block.
   With `prototype_shape`, z_t is reshaped to an image and goes through its own
   copy of the image pathway in place of FC256 -> ReLU.
   """
@@ -212,22 +216,151 @@ class CTBlock(nn.Module):
     h = jnp.concatenate([self.image(x_BHWC, train), h_z, h_t], axis=-1)
     return self._tail(h @ self.fuse_kernel + self.fuse_bias[None, :])
 
-  def image_term(self, x_BHWC: jax.Array, train: bool = False) -> jax.Array:
+  def features(self, x_BHWC: jax.Array, train: bool = False) -> jax.Array:
     """h_x @ K_x + bias: [B, 256]; independent of z and t."""
     return self.image(x_BHWC, train) @ self.fuse_kernel[:256] + self.fuse_bias[None, :]
 
-  def logits_from_image_term(self, img_B256: jax.Array, z_BD: jax.Array, t_B: jax.Array) -> jax.Array:
-    """The block's logits given `image_term`; t may be [B] or a scalar shared by the batch."""
+  def from_features(self, img_B256: jax.Array, z_BD: jax.Array, t_B: jax.Array) -> jax.Array:
+    """The block's logits given `features`; t may be [B] or a scalar shared by the batch."""
     h_z, h_t = self._z_t_features(z_BD, t_B)
     h_t = h_t if h_t.ndim == h_z.ndim else h_t[None, :]
     pre = img_B256 + h_z @ self.fuse_kernel[256:512] + h_t @ self.fuse_kernel[512:]
     return self._tail(pre)
 
 
-def count_params(params) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(params)))
+# ----------------------------------------------------------------------------- MLP blocks
+
+class MLPBlock(nn.Module):
+  """A NoProp-DT / backprop block for inputs of any shape (flattened): (x, z) -> logits.
+
+  x -> [Dense-ReLU-dropout] x depth (`features`, independent of z); z -> Dense-ReLU;
+  both concatenated -> Dense-ReLU -> Dense m (`from_features`).
+  """
+
+  num_classes: int
+  hidden: int = 256
+  depth: int = 2
+  dropout: float = 0.0
+
+  def setup(self):
+    self.x_layers = [nn.Dense(self.hidden) for _ in range(self.depth)]
+    self.drop = nn.Dropout(self.dropout)
+    self.z_layer = nn.Dense(self.hidden)
+    self.mix = nn.Dense(self.hidden)
+    self.out = nn.Dense(self.num_classes)
+
+  def features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    h = x.reshape(x.shape[0], -1)
+    for layer in self.x_layers:
+      h = self.drop(nn.relu(layer(h)), deterministic=not train)
+    return h
+
+  def from_features(self, h_BH: jax.Array, z_BD: jax.Array, train: bool = False) -> jax.Array:
+    h = jnp.concatenate([h_BH, nn.relu(self.z_layer(z_BD))], axis=-1)
+    return self.out(nn.relu(self.mix(h)))
+
+  def __call__(self, x: jax.Array, z_BD: jax.Array, train: bool = False) -> jax.Array:
+    return self.from_features(self.features(x, train), z_BD, train)
 
 
-def init_embedding(key: jax.Array, num_classes: int, dim: int) -> jax.Array:
-  """Learned class embedding [m, d]: orthonormal rows when d >= m, else columns."""
-  return nn.initializers.orthogonal()(key, (num_classes, dim), jnp.float32)
+class MLPTimeBlock(nn.Module):
+  """A NoProp-CT / -FM / adjoint block for inputs of any shape: (x, z, t) -> logits.
+
+  As `MLPBlock`, with a sinusoidal embedding of t -> Dense-ReLU concatenated to the
+  input and label pathways. In `from_features` t may be a scalar shared by the batch.
+  """
+
+  num_classes: int
+  hidden: int = 256
+  depth: int = 2
+  dropout: float = 0.0
+  t_dim: int = 64
+
+  def setup(self):
+    self.x_layers = [nn.Dense(self.hidden) for _ in range(self.depth)]
+    self.drop = nn.Dropout(self.dropout)
+    self.z_layer = nn.Dense(self.hidden)
+    self.t_layer = nn.Dense(self.hidden)
+    self.mix = nn.Dense(self.hidden)
+    self.out = nn.Dense(self.num_classes)
+
+  def features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    h = x.reshape(x.shape[0], -1)
+    for layer in self.x_layers:
+      h = self.drop(nn.relu(layer(h)), deterministic=not train)
+    return h
+
+  def from_features(self, h_BH: jax.Array, z_BD: jax.Array, t: jax.Array,
+                    train: bool = False) -> jax.Array:
+    h_t = nn.relu(self.t_layer(sinusoidal_embedding(t, self.t_dim)))
+    h_t = jnp.broadcast_to(h_t, (z_BD.shape[0], self.hidden))  # a scalar t serves the batch
+    h = jnp.concatenate([h_BH, nn.relu(self.z_layer(z_BD)), h_t], axis=-1)
+    return self.out(nn.relu(self.mix(h)))
+
+  def __call__(self, x: jax.Array, z_BD: jax.Array, t_B: jax.Array,
+               train: bool = False) -> jax.Array:
+    return self.from_features(self.features(x, train), z_BD, t_B, train)
+
+
+# ----------------------------------------------------------------------------- by name
+
+NAMES = ("paper", "mlp")
+CONV_IMPLS = ("auto", "xla", "patches", "gemm")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Which provided block, and its options."""
+
+  block: str = "paper"  # paper (Figure 6, images) | mlp (inputs of any shape)
+  dropout: float = 0.2  # dropout rate (paper: after each conv; mlp: after each input layer)
+  conv_impl: str = "auto"  # paper block's convolution: auto | xla | patches | gemm
+  hidden: int = 256  # mlp: width of every layer
+  depth: int = 2  # mlp: layers on the input before it meets z (and t)
+
+  def __post_init__(self):
+    if self.block not in NAMES:
+      raise ValueError(f"unknown block {self.block!r}; choose one of {list(NAMES)}")
+    if self.conv_impl not in CONV_IMPLS:
+      raise ValueError(f"unknown conv_impl {self.conv_impl!r}; choose one of {list(CONV_IMPLS)}")
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    if self.hidden < 1 or self.depth < 0:
+      raise ValueError(f"hidden must be >= 1 and depth >= 0, got {self.hidden}, {self.depth}")
+
+
+def resolve_conv_impl(conv_impl: str, looped: bool) -> str:
+  """'auto' -> on XLA:CPU, im2col + GEMM ('gemm') for blocks unrolled in one program, and
+  the matmul weight gradient ('patches') under vmap or in loops (the stock conv weight
+  gradient is very slow there); elsewhere the stock convolution."""
+  if conv_impl != "auto":
+    return conv_impl
+  if jax.default_backend() != "cpu":
+    return "xla"
+  return "patches" if looped else "gemm"
+
+
+def padding_for(input_shape: tuple[int, ...]) -> str:
+  """The paper's unpadded tower needs at least 14 x 14 inputs (8 -> 6 -> 3 -> 1 -> nothing
+  for 8 x 8 digits): smaller images are padded ('SAME')."""
+  return "VALID" if min(input_shape[:2]) >= 14 else "SAME"
+
+
+def make(cfg: BlockConfig, time_conditioned: bool, num_classes: int,
+         input_shape: tuple[int, ...], prototype: bool = False, looped: bool = False) -> nn.Module:
+  """The block `cfg` names, for (x, z) (or (x, z, t) when `time_conditioned`).
+
+  `prototype`: z is a prototype embedding of the input's size, which the paper's blocks
+  read as an image through their own copy of the image pathway. `looped`: the blocks run
+  under vmap or in a loop (picks the CPU convolution); resolved here, before tracing.
+  """
+  if cfg.block == "mlp":
+    cls = MLPTimeBlock if time_conditioned else MLPBlock
+    return cls(num_classes, cfg.hidden, cfg.depth, cfg.dropout)
+  if len(input_shape) != 3:
+    raise ValueError(f"the paper block takes images [H, W, C]; inputs of shape "
+                     f"{tuple(input_shape)} need another block (e.g. block 'mlp')")
+  cls = CTBlock if time_conditioned else DTBlock
+  return cls(num_classes, padding_for(input_shape), cfg.dropout,
+             resolve_conv_impl(cfg.conv_impl, looped),
+             prototype_shape=tuple(input_shape) if prototype else None)
