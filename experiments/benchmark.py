@@ -34,29 +34,30 @@ import statistics
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from noprop_jax import backprop, continuous, dt
-from noprop_jax.config import Config
+from noprop_jax import core, dt, trainer
+from noprop_jax.config import METHODS, RunConfig
 
 ALIASES = {"scan": "chunks1-scan", "alg1": "algorithm1"}
 MiB = 2**20
+# (input shape, number of classes) of the named datasets: the rows run on random data.
+SHAPES = {"digits": ((8, 8, 1), 10), "mnist": ((28, 28, 1), 10), "fashion_mnist": ((28, 28, 1), 10),
+          "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100),
+          "tiny_imagenet": ((64, 64, 3), 200)}
 
 
 # ----------------------------------------------------------------------------- cases
 
-def cases(args) -> dict[str, tuple[str, str, Config]]:
+def cases(args) -> dict[str, tuple[str, str, RunConfig]]:
   """key -> (label, kind, config); kind is 'parallel', 'algorithm1' or 'backprop'."""
   T = args.T
   base = dict(dataset=args.dataset, batch_size=args.batch_size, T=T)
-  dt_cfg = lambda **kw: Config.create(**base, precision=args.precision, **kw)
+  dt_cfg = lambda **kw: RunConfig.create("dt", **base, precision=args.precision, **kw)
   out = {"vmap": (f"vmap (all {T} blocks)", "parallel", dt_cfg(formulation="vmap")),
          "unroll": (f"unroll (all {T} blocks)", "parallel", dt_cfg(formulation="unroll"))}
   for k in (k for k in range(T - 1, 1, -1) if T % k == 0):
@@ -65,9 +66,9 @@ def cases(args) -> dict[str, tuple[str, str, Config]]:
                                   dt_cfg(formulation=form, blocks_per_step=k))
   if T > 1:
     out["chunks1-scan"] = ("chunks of 1 (scan)", "parallel", dt_cfg(formulation="vmap", blocks_per_step=1))
-  out["algorithm1"] = ("one block per step (Algorithm 1)", "algorithm1", dt_cfg())
+  out["algorithm1"] = ("one block per step (Algorithm 1)", "algorithm1", dt_cfg(training="sequential"))
   bp_label = "backprop" + (" (float32)" if args.precision != "float32" else "")
-  out["backprop"] = (bp_label, "backprop", Config.create(method="backprop", **base))
+  out["backprop"] = (bp_label, "backprop", RunConfig.create("backprop", **base))
   out["auto"] = ("auto", "parallel", dt_cfg())
   return out
 
@@ -83,17 +84,28 @@ def select(keys: list[str], wanted: list[str] | None) -> list[str]:
   return [k for k in keys if any(k.startswith(w) for w in wanted)]
 
 
-def resolved(kind: str, cfg: Config) -> str:
-  """What the auto settings resolve to: formulation/blocks per step/conv impl."""
-  k = 1 if kind == "algorithm1" else cfg.resolved_blocks_per_step()
-  return f"{cfg.resolved_formulation()}/{k}/{cfg.resolved_conv_impl()}"
+def build(cfg: RunConfig):
+  """(resolved compute, model with the paper's block) for the dataset's shapes."""
+  shape, m = SHAPES[cfg.data.dataset]
+  compute = trainer.resolve_compute(cfg)
+  return compute, trainer.build_model(cfg, shape, m, compute)
 
 
-def data(cfg: Config):
+def resolved(kind: str, cfg: RunConfig) -> str:
+  """What the auto settings resolve to: formulation/blocks per step/conv impl (backprop:
+  'chain', its blocks folded one after another: unrolled on XLA:CPU, else a scan)."""
+  compute, model = build(cfg)
+  k = 1 if kind == "algorithm1" else compute.blocks_per_step
+  form = "chain" if kind == "backprop" else compute.formulation
+  return f"{form}/{k}/{getattr(model.block, 'conv_impl', 'n/a')}"
+
+
+def data(cfg: RunConfig):
   """Random uint8 images and labels of the dataset's shape."""
+  shape, m = SHAPES[cfg.data.dataset]
   rng = np.random.RandomState(0)
-  x = rng.randint(0, 256, (cfg.batch_size, *cfg.image_shape), dtype=np.uint8)
-  y = rng.randint(0, cfg.num_classes, (cfg.batch_size,)).astype(np.int32)
+  x = rng.randint(0, 256, (cfg.train.batch_size, *shape), dtype=np.uint8)
+  y = rng.randint(0, m, (cfg.train.batch_size,)).astype(np.int32)
   return jnp.asarray(x), jnp.asarray(y)
 
 
@@ -112,13 +124,11 @@ def timed(fn, state, *args, n: int) -> tuple[float, object]:
 
 
 def xla_memory(compiled) -> tuple[int | None, int | None]:
-  """(temp, peak = arguments + outputs - aliased + temp) bytes, or Nones."""
+  """(temp, peak = arguments + outputs - aliased + temp: `core.peak_bytes`) bytes, or Nones."""
   m = compiled.memory_analysis()
   if m is None:
     return None, None
-  peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
-  return m.temp_size_in_bytes, peak
+  return m.temp_size_in_bytes, core.peak_bytes(compiled)
 
 
 def xla_flops(compiled) -> float | None:
@@ -153,36 +163,38 @@ def probe(args, specs) -> dict:
           "resolved": {key: resolved(kind, cfg) for key, (_, kind, cfg) in specs.items()}}
 
 
-def _init_cfg(cfg: Config) -> Config:
-  """The state does not depend on the formulation: one config (one compiled init) for all."""
-  return dataclasses.replace(cfg, formulation="auto", blocks_per_step=0)
+def init_state(cfg: RunConfig):
+  """The initial state. It does not depend on the formulation (nor on the convolution it
+  picks): one model of the auto settings (one compiled init) serves every row."""
+  auto = dataclasses.replace(cfg, train=dataclasses.replace(
+      cfg.train, formulation="auto", blocks_per_step=0, training="parallel"))
+  return trainer.init_state(auto, build(auto)[1], jax.random.key(0))
 
 
-def train_row(key: str, kind: str, cfg: Config, repeats: int) -> dict:
+def train_row(key: str, kind: str, cfg: RunConfig, repeats: int) -> dict:
   """Compile one training step and time it; raw numbers (derived ones come later)."""
   x, y = data(cfg)
-  if kind == "backprop":
-    state = backprop.init(cfg, jax.random.key(0))
-    step = jax.jit(partial(backprop.train_step, cfg), donate_argnums=0)
-  elif kind == "algorithm1":
-    state = dt.init(_init_cfg(cfg), jax.random.key(0))
-    step = jax.jit(lambda s, x, y: dt.sequential_step(cfg, s, x, y, s["step"] % cfg.T),
+  compute, model = build(cfg)
+  optim, T = cfg.train.optim, cfg.T
+  state = init_state(cfg)
+  if kind == "algorithm1":
+    step = jax.jit(lambda s, x, y: dt.sequential_step(model, optim, compute, s, x, y, s["step"] % T),
                    donate_argnums=0)
   else:
-    state, step = dt.init(_init_cfg(cfg), jax.random.key(0)), dt.make_train_step(cfg)
+    step = METHODS[cfg.method].make_train_step(model, optim, compute)
   jax.block_until_ready(state)
   t0 = time.perf_counter()
   compiled = step.lower(state, x, y).compile()
   compile_s = time.perf_counter() - t0
-  s_per_step, state = timed(compiled, state, x, y, n=repeats * (cfg.T if kind == "algorithm1" else 1))
+  s_per_step, state = timed(compiled, state, x, y, n=repeats * (T if kind == "algorithm1" else 1))
   temp, peak = xla_memory(compiled)
   # Loops that hold block work (XLA counts their body once): chunks of k < T blocks,
-  # and backprop's chain of blocks, a lax.scan off XLA:CPU.
-  looped = ((kind == "parallel" and cfg.resolved_blocks_per_step() < cfg.T)
-            or (kind == "backprop" and jax.default_backend() != "cpu"))
+  # and backprop's chain of blocks, a lax.scan unless unrolled (XLA:CPU).
+  looped = ((kind == "parallel" and compute.blocks_per_step < T)
+            or (kind == "backprop" and compute.formulation != "unroll"))
   return {"table": "train", "case": key, "kind": kind, "resolved": resolved(kind, cfg),
           "compile_s": compile_s, "s_per_step": s_per_step, "timed_steps": repeats * (
-              cfg.T if kind == "algorithm1" else 1),
+              T if kind == "algorithm1" else 1),
           "xla_temp_bytes": temp, "xla_peak_bytes": peak, "device_peak_bytes": device_peak(),
           "flops_xla": xla_flops(compiled), "looped": looped}
 
@@ -190,19 +202,23 @@ def train_row(key: str, kind: str, cfg: Config, repeats: int) -> dict:
 def inference_rows(args) -> list[dict]:
   """NoProp-DT (auto, mean path) and NoProp-CT/FM (Euler, mean path) inference."""
   base = dict(dataset=args.dataset, batch_size=args.batch_size, precision=args.precision)
-  dt_cfg = Config.create(**base, T=args.T)
-  runs = [("dt", f"NoProp-DT ({dt_cfg.resolved_formulation()}/{dt_cfg.resolved_conv_impl()})",
-           dt.predict, dt_cfg, dt.init(dt_cfg, jax.random.key(0)), dt_cfg.T)]
+  dt_cfg = RunConfig.create("dt", **base, T=args.T)
+  compute, model = build(dt_cfg)
+  runs = [("dt", f"NoProp-DT ({compute.formulation}/{getattr(model.block, 'conv_impl', 'n/a')})",
+           lambda s, x, model=model, compute=compute: dt.predict(model, s, x, compute=compute),
+           dt_cfg, trainer.init_state(dt_cfg, model, jax.random.key(0)), dt_cfg.T)]
   for m in ("ct", "fm"):
-    c = Config.create(method=m, inference_steps=args.inference_steps, **base)
-    runs.append((m, f"NoProp-{m.upper()} (Euler)", continuous.predict, c,
-                 continuous.init(c, jax.random.key(0)), c.inference_steps))
+    c = RunConfig.create(m, inference_steps=args.inference_steps, **base)
+    model = build(c)[1]
+    runs.append((m, f"NoProp-{m.upper()} (Euler)",
+                 lambda s, x, model=model, mod=METHODS[m]: mod.predict(model, s, x),
+                 c, trainer.init_state(c, model, jax.random.key(0)), model.inference_steps))
   rows = []
   for key, label, predict, cfg, state, steps in runs:
     x, _ = data(cfg)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
-    compiled = predict.lower(cfg, state, x).compile()
+    compiled = jax.jit(predict).lower(state, x).compile()
     compile_s = time.perf_counter() - t0
     s, _ = timed(lambda st, x: (st, compiled(st, x)), state, x, n=args.repeats)
     rows.append({"table": "inference", "case": key, "name": label, "solver_steps": steps,
@@ -343,7 +359,7 @@ def inference_table(rows: list[dict], args) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", default="mnist")
+  p.add_argument("--dataset", default="mnist", choices=list(SHAPES))
   p.add_argument("--batch-size", type=int, default=128, help="paper: 128")
   p.add_argument("--T", type=int, default=10, help="blocks (paper: 10)")
   p.add_argument("--repeats", type=int, default=5, help="timed steps per row (Algorithm 1: x T)")

@@ -23,67 +23,100 @@ import argparse
 import json
 import subprocess
 import sys
-from functools import partial
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from noprop_jax import adjoint, backprop, continuous, dt, trainer
-from noprop_jax.config import Config
+from noprop_jax import adjoint, backprop, core, dt, solvers, trainer
+from noprop_jax.config import METHODS, RunConfig
 
 PAPER_GB = {  # paper Table 3, GPU memory in training (GB): MNIST, CIFAR-10, CIFAR-100
     "backprop": (0.87, 1.17, 1.73), "dt": (0.49, 0.64, 1.23), "adjoint": (2.32, 6.23, 6.45)}
 PAPER_COLUMN = {"mnist": 0, "cifar10": 1, "cifar100": 2}
+# (input shape, number of classes) of the named datasets: the steps compile for these shapes.
+SHAPES = {"digits": ((8, 8, 1), 10), "mnist": ((28, 28, 1), 10), "fashion_mnist": ((28, 28, 1), 10),
+          "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100),
+          "tiny_imagenet": ((64, 64, 3), 200)}
+
+# step(model, optim, compute, state, x, y) -> (state, metrics), as the methods' train_step.
+Step = Callable
 
 
-def cases(dataset: str, batch: int, adjoint_steps: list[int]) -> dict[str, tuple[Config, callable]]:
-  """name -> (config, step function (state, x, y) -> (state, metrics))."""
+def algorithm1_step(model, optim, compute, state, x, y):
+  """NoProp-DT's Algorithm 1: the step updates block step % T only."""
+  return dt.sequential_step(model, optim, compute, state, x, y, state["step"] % model.T)
+
+
+def through_the_solve_step(model, optim, compute, state, x, y):
+  """The adjoint baseline's step with the gradient back-propagated through the Euler
+  solve (`solvers.euler`) instead of the adjoint ODE: memory grows with the steps."""
+
+  def objective(params, state, x, y, key):
+    value, metrics = adjoint.loss(model, params, x, y, key, solve=solvers.euler)
+    return value, (metrics, {})
+
+  state, value, m = core.gradient_step(objective, adjoint.optimizer(optim), state, x, y)
+  return state, {"loss": value, "rate": jnp.exp(state["params"]["log_rate"]), **m}
+
+
+def cases(dataset: str, batch: int, adjoint_steps: list[int]) -> dict[str, tuple[RunConfig, Step]]:
+  """name -> (config, step function (model, optim, compute, state, x, y) -> (state, metrics))."""
   base = dict(dataset=dataset, batch_size=batch)
-  out = {"backprop": (Config.create(method="backprop", **base), backprop.train_step)}
+  out = {"backprop": (RunConfig.create("backprop", **base), backprop.train_step)}
   for form in ("scan", "unroll", "vmap"):
-    out[f"dt/{form}"] = (Config.create(formulation=form, **base), dt.parallel_step)
-  seq_cfg = Config.create(training="sequential", **base)
-  out["dt/one block per step"] = (seq_cfg, lambda cfg, s, x, y: dt.sequential_step(
-      cfg, s, x, y, s["step"] % cfg.T))
+    out[f"dt/{form}"] = (RunConfig.create("dt", formulation=form, **base), dt.train_step)
+  out["dt/one block per step"] = (RunConfig.create("dt", training="sequential", **base),
+                                  algorithm1_step)
   for m in ("ct", "fm"):
-    out[m] = (Config.create(method=m, **base), continuous.train_step)
+    out[m] = (RunConfig.create(m, **base), METHODS[m].train_step)
   for n in adjoint_steps:
-    cfg = Config.create(method="adjoint", inference_steps=n, **base)
+    cfg = RunConfig.create("adjoint", inference_steps=n, **base)
     out[f"adjoint/{n} steps"] = (cfg, adjoint.train_step)
-    out[f"backprop through the solve/{n} steps"] = (
-        cfg, lambda cfg, s, x, y: adjoint.train_step(cfg, s, x, y, adjoint=False))
+    out[f"backprop through the solve/{n} steps"] = (cfg, through_the_solve_step)
   return out
 
 
-def _inputs(cfg: Config):
-  state = jax.eval_shape(lambda k: trainer.init_state(cfg, k), jax.random.key(0))
-  x = jax.ShapeDtypeStruct((cfg.batch_size, *cfg.image_shape), jnp.uint8)
-  y = jax.ShapeDtypeStruct((cfg.batch_size,), jnp.int32)
+def _build(cfg: RunConfig, step: Step):
+  """(model, jitted step (state, x, y) -> (state, metrics) with the state donated)."""
+  shape, m = SHAPES[cfg.data.dataset]
+  compute = trainer.resolve_compute(cfg)
+  model = trainer.build_model(cfg, shape, m, compute)
+  fn = jax.jit(lambda s, x, y: step(model, cfg.train.optim, compute, s, x, y), donate_argnums=0)
+  return model, fn
+
+
+def _inputs(cfg: RunConfig, model):
+  state = jax.eval_shape(lambda k: trainer.init_state(cfg, model, k), jax.random.key(0))
+  x = jax.ShapeDtypeStruct((cfg.train.batch_size, *model.input_shape), jnp.uint8)
+  y = jax.ShapeDtypeStruct((cfg.train.batch_size,), jnp.int32)
   return state, x, y
 
 
-def analyse(cfg: Config, step) -> dict[str, float]:
+def analyse(cfg: RunConfig, step: Step) -> dict[str, float]:
   """XLA's compiled memory analysis of the donated training step, in bytes."""
-  fn = jax.jit(partial(step, cfg), donate_argnums=0)
-  m = fn.lower(*_inputs(cfg)).compile().memory_analysis()
-  peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
+  model, fn = _build(cfg, step)
+  compiled = fn.lower(*_inputs(cfg, model)).compile()
+  m = compiled.memory_analysis()
   return {"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes,
-          "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes, "peak": peak}
+          "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
+          "peak": core.peak_bytes(compiled)}
 
 
-def device_peak(cfg: Config, step) -> int | None:
+def reports_peak() -> bool:
+  """Whether the device reports its peak bytes in use (GPU/TPU; 0 in a fresh process)."""
+  return "peak_bytes_in_use" in (jax.devices()[0].memory_stats() or {})
+
+
+def device_peak(cfg: RunConfig, step: Step) -> int | None:
   """Peak device bytes in use after initialising and running the step twice (GPU/TPU)."""
   dev = jax.devices()[0]
-  if not (dev.memory_stats() or {}).get("peak_bytes_in_use"):
+  if not reports_peak():
     return None
-  state = trainer.init_state(cfg, jax.random.key(0))
-  x = jnp.zeros((cfg.batch_size, *cfg.image_shape), jnp.uint8)
-  y = jnp.zeros((cfg.batch_size,), jnp.int32)
-  fn = jax.jit(partial(step, cfg), donate_argnums=0)
+  model, fn = _build(cfg, step)
+  state = trainer.init_state(cfg, model, jax.random.key(0))
+  x = jnp.zeros((cfg.train.batch_size, *model.input_shape), jnp.uint8)
+  y = jnp.zeros((cfg.train.batch_size,), jnp.int32)
   for _ in range(2):
     state, metrics = fn(state, x, y)
   jax.block_until_ready(metrics)
@@ -100,7 +133,7 @@ def _fresh_process_peak(args, name: str) -> int | None:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", default="mnist")
+  p.add_argument("--dataset", default="mnist", choices=list(SHAPES))
   p.add_argument("--batch-size", type=int, default=128, help="paper: 128")
   p.add_argument("--adjoint-steps", type=int, nargs="+", default=[10, 100, 1000])
   p.add_argument("--methods", nargs="+", default=None, help="name prefixes to keep (default all)")
@@ -112,7 +145,7 @@ def main(argv=None):
     print(json.dumps({"device_peak": device_peak(*all_cases[args.device_peak_of])}))
     return
   keep = [n for n in all_cases if not args.methods or any(n.startswith(m) for m in args.methods)]
-  has_device_stats = bool((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"))
+  has_device_stats = reports_peak()
   col = PAPER_COLUMN.get(args.dataset)
   rows = []
   for name in keep:

@@ -11,16 +11,12 @@ it is slower, and this script only measures its accuracy there.
 import argparse
 import sys
 import tempfile
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from noprop_jax import data
-from noprop_jax.config import Config
+from noprop_jax.config import RunConfig
 from noprop_jax.trainer import train
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import subset  # noqa: E402
+from reproduce import subset  # experiments/ (the script's folder) is on sys.path
 
 
 def main(argv=None) -> int:
@@ -35,8 +31,8 @@ def main(argv=None) -> int:
   ds = subset(data.load(args.dataset, args.data_dir), args.train_size)
   rows = []
   for precision in ("float32", "bfloat16"):
-    cfg = Config.create(method=args.method, dataset=args.dataset, epochs=args.epochs,
-                        precision=precision, inference_steps=args.inference_steps)
+    cfg = RunConfig.create(args.method, dataset=args.dataset, epochs=args.epochs,
+                           precision=precision, inference_steps=args.inference_steps)
     with tempfile.TemporaryDirectory() as d:
       s = train(cfg, d, dataset=ds, progress=False)
     rows.append((precision, s["test_accuracy_mean_path"], s["test_accuracy_stochastic"],

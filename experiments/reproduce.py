@@ -12,7 +12,7 @@ Rows are `<dataset>/<method>/<embedding>`: methods backprop, dt, adjoint, ct, fm
 embeddings onehot, dim20 (learned, 20 dimensions: the paper's "dim=20") and
 prototype. Table 1: MNIST, CIFAR-10, CIFAR-100 (adjoint with one-hot only).
 Table 2: Tiny ImageNet; its figures are not available offline, so its paper
-column reads n/a. Every setting is Config.create's default for the row (the
+column reads n/a. Every setting is RunConfig.create's default for the row (the
 paper's Table 4); only the flags below override.
 
 Each (row, seed) trains in OUT/runs/<row id, / -> _>/seed<k> (rerunning resumes;
@@ -33,8 +33,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -42,7 +40,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from noprop_jax import data
-from noprop_jax.config import Config
+from noprop_jax.config import RunConfig, method_settings
 
 # ----------------------------------------------------------------------------- rows
 
@@ -83,7 +81,7 @@ def row_dirname(rid: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One line of the paper's tables; `overrides`: further Config settings (tests)."""
+  """One line of the paper's tables; `overrides`: further RunConfig settings (tests)."""
 
   dataset: str
   method: str
@@ -97,11 +95,17 @@ class Row:
   def id(self) -> str:
     return row_id(self.dataset, self.method, self.embedding, self.embedding_dim)
 
-  def config(self, **overrides: Any) -> Config:
-    """Config.create's defaults for the row, then `overrides` (None: keep the default)."""
-    dim = self.embedding_dim if self.embedding == "learned" else None
-    return Config.create(dataset=self.dataset, method=self.method, embedding=self.embedding,
-                         embedding_dim=dim, **{**dict(self.overrides), **overrides})
+  def config(self, **overrides: Any) -> RunConfig:
+    """RunConfig.create's defaults for the row, then `overrides` (None: keep the default).
+    The embedding is a setting of the methods that have one (the adjoint's is one-hot)."""
+    emb = {}
+    if "embedding" in method_settings(self.method):
+      emb = dict(embedding=self.embedding,
+                 embedding_dim=self.embedding_dim if self.embedding == "learned" else None)
+    elif self.embedding != "onehot":
+      raise ValueError(f"{self.method} has the fixed one-hot embedding, not {self.embedding}")
+    return RunConfig.create(self.method, dataset=self.dataset,
+                            **{**emb, **dict(self.overrides), **overrides})
 
 
 def _table_rows(table: int, datasets: Sequence[str]) -> list[Row]:
@@ -210,8 +214,9 @@ def run_rows(rows: Sequence[Row], out_dir: str | Path, datasets: Datasets, seeds
         cfg = row.config(seed=seed, epochs=epochs, inference_runs=inference_runs,
                          inference_steps=steps)
         if (workdir / "summary.json").exists():
-          saved = json.loads((workdir / "summary.json").read_text())["config"]
-          diff = sorted(k for k, v in cfg.to_dict().items() if saved.get(k) != v)
+          saved = flat_config(json.loads((workdir / "summary.json").read_text())["config"])
+          now = flat_config(cfg.to_dict())
+          diff = sorted(k for k in set(now) | set(saved) if saved.get(k) != now.get(k))
           print_fn(f"{tag} done already" + (f" (with other {', '.join(diff)}: kept; delete "
                                             f"{workdir} to retrain)" if diff else ""))
           continue
@@ -229,6 +234,14 @@ def run_rows(rows: Sequence[Row], out_dir: str | Path, datasets: Datasets, seeds
 
 # ----------------------------------------------------------------------------- reading runs
 
+def flat_config(d: dict[str, Any]) -> dict[str, Any]:
+  """Every setting by its (unique) name, from a `RunConfig.to_dict` (a run's config.json,
+  a summary's config), which groups them by concern; a flat dict passes through."""
+  if isinstance(d.get("train"), dict):
+    return {"method": d["method"], **d.get("model", {}), **d.get("block", {}),
+            **d.get("data", {}), **d["train"]}
+  return dict(d)
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   row: str
@@ -245,11 +258,13 @@ def read_runs(out_dir: str | Path) -> dict[str, list[Run]]:
   runs: dict[str, list[Run]] = {}
   for cfg_path in sorted(Path(out_dir).glob("runs/*/*/config.json")):
     d = cfg_path.parent
-    cfg = json.loads(cfg_path.read_text())
+    cfg = flat_config(json.loads(cfg_path.read_text()))
     summ = d / "summary.json"
     mpath = d / "metrics.jsonl"
     metrics = [json.loads(l) for l in mpath.read_text().splitlines() if l.strip()] if mpath.exists() else []
-    rid = row_id(cfg["dataset"], cfg["method"], cfg["embedding"], cfg["embedding_dim"])
+    # Settings left at their defaults are absent: one-hot (always, for the adjoint).
+    rid = row_id(cfg["dataset"], cfg["method"], cfg.get("embedding", "onehot"),
+                 cfg.get("embedding_dim", 0))
     runs.setdefault(rid, []).append(Run(rid, int(cfg["seed"]), d, cfg,
                                         json.loads(summ.read_text()) if summ.exists() else None,
                                         metrics))
@@ -436,8 +451,10 @@ def write_report(out_dir: str | Path, datasets: Datasets | None = None,
   plot_accuracy({k: c for k, c in curves.items() if len(c["epoch"])}, plots / "accuracy.png")
 
   try:
+    import jax
     import jax.numpy as jnp
-    from noprop_jax import trainer
+    from noprop_jax import core, trainer
+    from noprop_jax.config import METHODS
   except ImportError as e:
     print_fn(f"embedding and prediction plots skipped: {e}")
     return table
@@ -447,17 +464,23 @@ def write_report(out_dir: str | Path, datasets: Datasets | None = None,
       continue
     name = row_dirname(rid)
     try:
-      cfg, state, _ = trainer.load_run(first.path)
-      if cfg.embedding == "prototype":
-        W = np.asarray(trainer.class_embeddings(cfg, state))
-        plot_embeddings(W, cfg.image_shape, plots / f"embeddings_{name}.png",
-                        f"class embeddings, {rid} (seed {cfg.seed})")
+      cfg, model, state, _ = trainer.load_run(first.path)
+      seed = cfg.train.seed
+      if cfg.model.get("embedding") == "prototype":
+        # W_embed: DT keeps it with the head ('shared'), the other methods in 'params'.
+        W = np.asarray(core.embedding_matrix(state.get("shared", state.get("params")),
+                                             model.num_classes))
+        plot_embeddings(W, model.input_shape, plots / f"embeddings_{name}.png",
+                        f"class embeddings, {rid} (seed {seed})")
       if datasets is None:
         continue
-      test = datasets.get(cfg.dataset).test
+      test = datasets.get(cfg.data.dataset).test
       x, y = test.images[:36], test.labels[:36]
-      pred = np.asarray(trainer.predict(cfg, state, jnp.asarray(x)).argmax(-1))
-      plot_predictions(x, y, pred, plots / f"predictions_{name}.png", f"{rid} (seed {cfg.seed})")
+      mode = cfg.train.inference
+      key = jax.random.key(seed) if mode == "stochastic" else None
+      scores = METHODS[cfg.method].predict(model, state, jnp.asarray(x), key, mode)
+      pred = np.asarray(scores.argmax(-1))
+      plot_predictions(x, y, pred, plots / f"predictions_{name}.png", f"{rid} (seed {seed})")
     except Exception as e:  # a missing dataset or an unreadable checkpoint skips its plots only
       print_fn(f"[{rid}] plots skipped: {type(e).__name__}: {e}")
   return table
@@ -487,7 +510,7 @@ def list_rows(rows: Sequence[Row] = ROWS) -> str:
   lines = [f"{'row':<32} {'table':>5} {'paper':>6} {'epochs':>6}"]
   for r in rows:
     paper = "n/a" if r.paper is None else f"{r.paper:.2f}"
-    lines.append(f"{r.id:<32} {r.table:>5} {paper:>6} {r.config().epochs:>6}")
+    lines.append(f"{r.id:<32} {r.table:>5} {paper:>6} {r.config().train.epochs:>6}")
   return "\n".join(lines)
 
 

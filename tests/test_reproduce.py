@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from noprop_jax import data
+from noprop_jax import data, trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import reproduce  # noqa: E402
@@ -23,10 +23,10 @@ def _is_png(path: Path) -> bool:
 def _fake_run(out: Path, row: reproduce.Row, seed: int, mean_path: float | None,
               sampled: list[float], seconds: list[float], accs: list[float]) -> None:
   """A run directory holding only config.json, metrics.jsonl and (if mean_path) summary.json."""
-  cfg = row.config(seed=seed, epochs=len(seconds)).to_dict()
+  cfg = row.config(seed=seed, epochs=len(seconds))
   d = out / "runs" / reproduce.row_dirname(row.id) / f"seed{seed}"
   d.mkdir(parents=True)
-  (d / "config.json").write_text(json.dumps(cfg))
+  (d / "config.json").write_text(json.dumps(cfg.to_dict()))
   (d / "metrics.jsonl").write_text("".join(
       json.dumps({"epoch": e + 1, "seconds": s, "train_loss": 1.0, "test_accuracy": a}) + "\n"
       for e, (s, a) in enumerate(zip(seconds, accs))))
@@ -35,7 +35,7 @@ def _fake_run(out: Path, row: reproduce.Row, seed: int, mean_path: float | None,
         "test_accuracy": mean_path, "test_accuracy_mean_path": mean_path,
         "test_accuracy_stochastic": float(np.mean(sampled)),
         "test_accuracy_stochastic_runs": sampled, "train_seconds": sum(seconds),
-        "epochs": len(seconds), "n_train": 60000, "n_test": 10000, "config": cfg}))
+        "epochs": len(seconds), "n_train": 60000, "n_test": 10000, "config": cfg.to_dict()}))
 
 
 def test_rows_cover_both_tables():
@@ -48,9 +48,13 @@ def test_rows_cover_both_tables():
   assert reproduce.PAPER["cifar10/dt/prototype"] == 80.54
   assert reproduce.PAPER["tiny_imagenet/dt/onehot"] is None
   cfg = reproduce.select_rows(["cifar10/fm/dim20"])[0].config(seed=2)
-  assert (cfg.method, cfg.embedding, cfg.embedding_dim, cfg.seed, cfg.epochs) == ("fm", "learned", 20, 2, 500)
+  assert (cfg.method, cfg.model["embedding"], cfg.model["embedding_dim"], cfg.train.seed,
+          cfg.train.epochs) == ("fm", "learned", 20, 2, 500)
   cfg = reproduce.select_rows(["mnist/dt/prototype"])[0].config()
-  assert cfg.embedding_dim == 784 and cfg.epochs == 100
+  model = trainer.build_model(cfg, (28, 28, 1), 10, trainer.resolve_compute(cfg))
+  assert model.embedding == "prototype" and model.dim == 784 and cfg.train.epochs == 100
+  cfg = reproduce.select_rows(["cifar100/adjoint/onehot"])[0].config(inference_steps=10)
+  assert "embedding" not in cfg.model and cfg.model["inference_steps"] == 10  # one-hot, fixed
 
 
 def test_select_rows_patterns_tables_and_errors():
@@ -166,7 +170,7 @@ def test_end_to_end_on_digits(tmp_path):
                                    epochs=1, print_fn=log.append)
   assert run() == [], log
   s = json.loads((tmp_path / "runs" / "digits_dt_onehot" / "seed0" / "summary.json").read_text())
-  assert s["config"]["T"] == 2 and s["epochs"] == 1 and len(s["test_accuracy_stochastic_runs"]) == 2
+  assert s["config"]["model"]["T"] == 2 and s["epochs"] == 1 and len(s["test_accuracy_stochastic_runs"]) == 2
   log.clear()
   assert run() == [] and log == ["[digits/dt/onehot seed 0] done already"]
   table = reproduce.write_report(tmp_path, datasets, print_fn=log.append)
