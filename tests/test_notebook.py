@@ -1,0 +1,70 @@
+"""examples/quickstart.ipynb runs top to bottom in a real Jupyter kernel (2 epochs per
+method), and its plain-Python twin examples/quickstart.py holds the same cells."""
+
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+from jupyter_client.kernelspec import KernelSpecManager
+from nbclient import NotebookClient
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NOTEBOOK = EXAMPLES / "quickstart.ipynb"
+SCRIPT = EXAMPLES / "quickstart.py"
+METHODS = ("NoProp-DT", "Backprop", "NoProp-FM")
+EPOCHS = 2
+
+
+def percent_cells(text: str) -> list[tuple[str, str]]:
+  """(cell type, source) of each cell of a jupytext percent-format script: cells start at
+  `# %%` lines (`# %% [markdown]`: markdown, written as `# ` comments); the header before
+  the first cell is metadata."""
+  cells = []
+  for chunk in re.split(r"^# %%", text, flags=re.M)[1:]:
+    marker, _, body = chunk.partition("\n")
+    kind = "markdown" if "[markdown]" in marker else "code"
+    if kind == "markdown":
+      body = "\n".join(re.sub(r"^# ?", "", line) for line in body.splitlines())
+    cells.append((kind, body.strip("\n")))
+  return cells
+
+
+def test_script_twin_holds_the_notebooks_cells():
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nb_cells = [(c.cell_type, c.source.strip("\n")) for c in nb.cells]
+  py_cells = percent_cells(SCRIPT.read_text())
+  code = lambda cells: [src for kind, src in cells if kind == "code"]
+  assert code(py_cells) == code(nb_cells), (
+      "examples/quickstart.py and .ipynb differ; edit one and sync the other with "
+      "`jupytext --sync examples/quickstart.ipynb`")
+  assert py_cells == nb_cells  # the explanations too
+  assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_notebook_runs_and_reports_accuracies(tmp_path, monkeypatch):
+  monkeypatch.setenv("QUICKSTART_EPOCHS", str(EPOCHS))  # the kernel inherits this environment
+  monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))  # connection files
+  monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+  # The kernel is this interpreter's ipykernel (a spec whose argv starts with "python" is
+  # started with sys.executable), so it imports the noprop_jax under test.
+  spec = KernelSpecManager().get_kernel_spec("python3")
+  assert spec.argv[0] in ("python", "python3", sys.executable), (
+      f"kernel python3 would start {spec.argv[0]!r}, not this interpreter")
+
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  client = NotebookClient(nb, kernel_name="python3", timeout=300, allow_errors=False,
+                          resources={"metadata": {"path": str(EXAMPLES)}})
+  client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+
+  streams = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                    for out in cell.outputs if out.output_type == "stream")
+  acc = {m: float(a) for m, a in
+         re.findall(r"final test accuracy (\S+): ([0-9.]+)", streams)}
+  assert set(acc) == set(METHODS), streams[-2000:]
+  assert all(0.0 <= a <= 1.0 for a in acc.values()), acc
+  assert acc["NoProp-DT"] > 0.5, acc  # chance is 0.1; two epochs reach ~0.9
+  assert f"NoProp-DT: {EPOCHS} epochs in" in streams
+  images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+            if "image/png" in out.get("data", {})]
+  assert len(images) >= 2, "the accuracy curves and the digits should be drawn"
