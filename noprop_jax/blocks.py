@@ -51,8 +51,8 @@ def max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
   """2x2 stride-2 max pooling, flooring odd sizes (= `nn.max_pool(x, (2, 2), (2, 2))`).
 
   Written as a reshape and a max: its gradient is then an elementwise select,
-  where `nn.max_pool`'s select-and-scatter gradient runs ~10x slower on XLA:CPU
-  (72 ms against 7 ms for the first pool of a block at batch 128). Only exact
+  where `nn.max_pool`'s select-and-scatter gradient runs an order of magnitude
+  slower on XLA:CPU. Only exact
   ties, which ReLU's zero gradient already masks, are routed differently.
   """
   b, h, w, c = x_BHWC.shape

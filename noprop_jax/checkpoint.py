@@ -17,26 +17,27 @@ class ConfigMismatchError(RuntimeError):
   pass
 
 
-def guard_config(workdir: Path, config: dict[str, Any],
-                 defaults: dict[str, Any] | None = None) -> None:
-  """Write workdir/config.json, or refuse if it holds a different run's config.
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+  """{'train': {'lr': ...}, 'method': 'dt'} -> {'lr': ..., 'method': 'dt'} (names are unique)."""
+  return {k2: v2 for k, v in config.items()
+          for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
 
-  A setting missing from the saved file (written before the setting existed)
-  counts as its value in `defaults`.
-  """
+
+def guard_config(workdir: Path, config: dict[str, Any]) -> None:
+  """Write workdir/config.json, or refuse if it holds a different run's config (settings
+  compared by name, whatever their concern)."""
   path = workdir / "config.json"
   if path.exists():
     try:
-      saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+      saved = _flat(json.loads(path.read_text()))
+    except (json.JSONDecodeError, AttributeError) as e:
       raise ConfigMismatchError(f"{path} is corrupt ({e}); use a fresh --workdir") from None
-    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
+    now = _flat(config)
     # The adjoint trains with its solver steps: for it, inference_steps is not inference-only.
     resumable = [k for k in RESUMABLE_CHANGES
-                 if not (k == "inference_steps" and config.get("method") == "adjoint")]
-    diff = {k: (saved.get(k), v) for k, v in config.items()
-            if saved.get(k) != v and k not in resumable}
-    diff.update({k: (v, None) for k, v in saved.items() if k not in config})
+                 if not (k == "inference_steps" and now.get("method") == "adjoint")]
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k not in resumable}
+    diff.update({k: (v, None) for k, v in saved.items() if k not in now})
     if diff:
       lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
       raise ConfigMismatchError(

@@ -156,6 +156,11 @@ class RunConfig:
     unknown = set(self.model) - set(method_settings(self.method))
     if unknown:
       raise ValueError(f"{sorted(unknown)} are not settings of {self.method}")
+    # The method's own settings are checked by its Model. The data is not loaded yet:
+    # placeholder shapes stand in, sized so that an explicit embedding_dim is consistent.
+    d, emb = self.model.get("embedding_dim", 0), self.model.get("embedding", "onehot")
+    mod.Model(None, (d if emb == "prototype" and d else 1,),
+              d if emb == "onehot" and d else 10, **self.model)
     T = self.T
     if tr.training == "sequential" and not hasattr(mod, "sequential_step"):
       raise ValueError(f"--training sequential is NoProp-DT's (Algorithm 1), not {self.method}'s")
@@ -193,7 +198,10 @@ class RunConfig:
     return self.model.get("T", getattr(METHODS[self.method].Model, "T", 1))
 
   def to_dict(self) -> dict[str, Any]:
-    return {"method": self.method, "model": dict(self.model),
+    """Every setting, by concern. The method's settings that were not given appear at
+    their defaults, so an explicit default compares equal to an omitted one (`guard_config`)."""
+    defaults = {k: f.default for k, f in method_settings(self.method).items()}
+    return {"method": self.method, "model": {**defaults, **self.model},
             **{g: dataclasses.asdict(getattr(self, g)) for g in ("block", "data", "train")}}
 
   @classmethod
@@ -206,11 +214,6 @@ class RunConfig:
       raise ValueError(f"not a run config written by this version ({type(e).__name__}: {e})") from None
     cfg.validate()
     return cfg
-
-  def flat(self) -> dict[str, Any]:
-    """Every setting by its (unique) name, for comparing configs."""
-    d = self.to_dict()
-    return {"method": d["method"], **d["model"], **d["block"], **d["data"], **d["train"]}
 
 
 def _names(cls) -> set[str]:
@@ -245,7 +248,7 @@ def settings_by_flag() -> dict[str, list[tuple[str, str, dataclasses.Field, str]
   for concern, owner, cls in concerns:
     helps = field_help(cls)
     for f in dataclasses.fields(cls):
-      if f.name in NOT_SETTINGS + ("model",) or (concern == "run" and f.name != "method"):
+      if (concern == "method" and f.name in NOT_SETTINGS) or (concern == "run" and f.name != "method"):
         continue
       out.setdefault(_flag(f.name), []).append((concern, owner, f, helps.get(f.name, "")))
   return out
@@ -263,8 +266,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     if concern == "method":
       defaults = ", ".join(f"{o} {g.default}" for _, o, g, _ in owners)
       help_ = f"{help_} ({defaults})"
-    elif f.default is not dataclasses.MISSING and f.name != "method" and _type(f) is not bool:
-      help_ = f"{help_} ({f.default!r})" if f.default != "" else help_
+    elif f.default not in (None, "") and f.name != "method" and _type(f) is not bool:
+      help_ = f"{help_} ({f.default!r})"
     dest = f.name
     if _type(f) is bool:
       help_ = f"do not {help_}" if f.default else help_
@@ -283,8 +286,11 @@ def flag_table() -> str:
     if concern == "method":
       where = ", ".join(o for _, o, _, _ in owners)
       default = ", ".join(f"{o}: {g.default}" for _, o, g, _ in owners)
+    elif _type(f) is bool or f.name == "method" or f.default in (None, ""):
+      where, default = concern, ""
+      help_ = f"do not {help_}" if _type(f) is bool and f.default else help_
     else:
-      where, default = concern, "" if f.name == "method" else repr(f.default)
+      where, default = concern, repr(f.default)
     help_ = help_.replace("|", "\\|")
     rows.append(f"| `{name}` | {where} | {help_}{f' ({default})' if default else ''} |")
   return "\n".join(rows)
@@ -295,6 +301,7 @@ def from_args(args: argparse.Namespace) -> RunConfig:
   settings = {f.name: getattr(args, f.name) for owners in settings_by_flag().values()
               for _, _, f, _ in owners[:1]}
   method = settings.pop("method") or "dt"
+  core.check_choice("method", method, METHODS)
   own = set(method_settings(method)) | _names(BlockConfig) | _names(DataConfig) | _names(TrainConfig)
   return RunConfig.create(method, **{k: v for k, v in settings.items()
                                      if v is not None and (k in own or k in ALL_METHOD_SETTINGS)})

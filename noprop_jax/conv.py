@@ -2,7 +2,8 @@
 
 XLA:CPU emits the weight gradient of a convolution very slowly when the
 convolution sits under `jax.vmap` (a batch-group-count convolution) or inside a
-loop body (DESIGN.md section 10: ~30x). `conv2d` keeps the stock forward and
+loop body, far slower than the same product as a GEMM (the README's benchmark
+section has the figures). `conv2d` keeps the stock forward and
 input-gradient convolutions and writes the weight gradient as
 `patches^T @ grad_out`, which XLA turns into one GEMM (a batched GEMM under
 `vmap`). Mathematically it is the same function with the same gradient.
@@ -51,8 +52,8 @@ conv2d.defvjp(_fwd, _bwd)
 def im2col(x_NHWC: jax.Array, k: int = 3) -> jax.Array:
   """VALID k x k patches [N, H-k+1, W-k+1, k*k*C], feature index (i * k + j) * C + c.
 
-  One gather: on XLA:CPU it is 2-3x faster than concatenating the k*k shifted
-  slices (and ~5x faster than `conv_general_dilated_patches`, itself a conv).
+  One gather: on XLA:CPU it is faster than concatenating the k*k shifted slices
+  or than `conv_general_dilated_patches` (itself a convolution).
   """
   _, h, w, c = x_NHWC.shape
   ho, wo = h - k + 1, w - k + 1
@@ -82,11 +83,11 @@ def _gemm_forward(x, w, padding):
 def conv2d_gemm(x_NHWC: jax.Array, w_HWIO: jax.Array, padding: str) -> jax.Array:
   """`conv2d` computed as im2col + GEMM, forward and weight gradient.
 
-  On XLA:CPU (2 cores, the paper block, batch 128) the conv forward and its
-  weight gradient run at 15-40 GFLOP/s while the same products as plain GEMMs
-  reach ~100: this halves the time of a block's convolutions. The patches are
-  kept for the weight gradient (more residual memory than `conv2d`); the input
-  gradient is the stock transposed convolution. Square kernels only.
+  On XLA:CPU the stock convolution and its weight gradient run far below the
+  machine's GEMM speed, while these plain GEMMs reach it: this halves the time of a
+  block's convolutions. The patches are kept for the weight gradient (more
+  residual memory than `conv2d`); the input gradient is the stock transposed
+  convolution. Square kernels only.
   """
   return _gemm_forward(x_NHWC, w_HWIO, padding)[0]
 
@@ -100,7 +101,7 @@ def _gemm_bwd(padding, res, g_NHWO):
   x, p_NHWP, w = res
   _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, padding), x)
   (dx,) = vjp_x(g_NHWO)
-  # 2-D operands: a 3-contracting-dim einsum here runs 3-4x slower on XLA:CPU.
+  # 2-D operands: a 3-contracting-dim einsum here runs several times slower on XLA:CPU.
   p_MP = p_NHWP.reshape(-1, p_NHWP.shape[-1])
   g_MO = g_NHWO.reshape(-1, g_NHWO.shape[-1]).astype(p_MP.dtype)
   dw = lax.dot_general(p_MP, g_MO, (((0,), (0,)), ((), ())))

@@ -146,8 +146,9 @@ def loss(model: Model, blocks: dict, shared: dict, x: jax.Array, y: jax.Array,
     L = E_q[-log p(y | z_T)] + KL(q(z_0 | y) || p(z_0))
         + (T / 2) eta E_{t ~ U{1..T}} [(SNR(t) - SNR(t-1)) ||u_hat_t(z_{t-1}, x) - u_y||^2],
 
-  the expectation over t computed exactly, as the mean over the T blocks. `train_step`
-  takes this function's gradient block by block (tests check that they agree).
+  the expectation over t computed exactly, as the mean over the T blocks. `gradients`
+  (what `train_step` applies) is this function's gradient taken block by block, with
+  key = `core.step_key(state)` (tests check that they agree).
   """
   k_blocks, k_head = jax.random.split(key)
   _, (ce, kl) = head_terms(model, shared, y, k_head)
@@ -163,13 +164,17 @@ def loss(model: Model, blocks: dict, shared: dict, x: jax.Array, y: jax.Array,
 
 # ----------------------------------------------------------------------------- training steps
 
-def _update_shared(model, optim, state, g_from_blocks, y, key):
-  """The head/embedding step on CE + KL plus the blocks' gradients to the embedding."""
+def _head_grad(model, shared, y, key):
+  """CE + KL (Eq. 8's first two terms), its metrics and its gradient in `shared`."""
   (loss_h, (ce, kl)), g_head = jax.value_and_grad(partial(head_terms, model), has_aux=True)(
-      state["shared"], y, key)
-  g = jax.tree.map(jnp.add, g_from_blocks, g_head)
-  upd, opt_shared = core.adamw(optim).update(g, state["opt_shared"], state["shared"])
-  return loss_h, {"ce": ce, "kl": kl}, optax.apply_updates(state["shared"], upd), opt_shared
+      shared, y, key)
+  return loss_h, {"ce": ce, "kl": kl}, g_head
+
+
+def _apply_shared(optim, state, g_shared):
+  """The head/embedding's optimizer step on its whole gradient."""
+  upd, opt_shared = core.adamw(optim).update(g_shared, state["opt_shared"], state["shared"])
+  return optax.apply_updates(state["shared"], upd), opt_shared
 
 
 def _block_grad(model, shared, x, y, key, precision, n_blocks):
@@ -196,24 +201,41 @@ def _block_grad(model, shared, x, y, key, precision, n_blocks):
   return one
 
 
-def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
-               y: jax.Array) -> tuple[State, Metrics]:
-  """One optimizer step of all T blocks and the head/embedding on one batch: `loss`'s
-  gradient, block t's computed from its own term only (`compute`: resolved settings)."""
+def gradients(model: Model, compute: Compute, state: State, x: jax.Array,
+              y: jax.Array) -> tuple[dict, dict, dict]:
+  """`loss`'s gradient on one batch with the step's key (`core.step_key(state)`), block t's
+  computed from its own term only (`compute`: resolved settings), as `train_step` applies it.
+
+  Returns (the blocks' parameter gradients, stacked on T; the gradient in `shared`: the
+  head terms' plus every block's to the embedding; aux: 'block_loss' (each block's weighted
+  term), 'block_mse', 'block_accuracy', 'updates' (the blocks' new BatchNorm statistics),
+  'head_loss' (CE + KL), 'ce', 'kl')."""
   x = core.to_float(x)
   k_blocks, k_head = jax.random.split(core.step_key(state))
   one = _block_grad(model, state["shared"], x, y, k_blocks, compute.precision, model.T)
   t = jnp.arange(1, model.T + 1)
-  val, err, updates, acc, g_blocks, g_shared = core.map_blocks(one, (state["blocks"], t), compute)
-  g_shared = jax.tree.map(lambda a: a.sum(0), g_shared)
-  loss_h, mh, shared, opt_shared = _update_shared(model, optim, state, g_shared, y, k_head)
+  val, err, updates, acc, g_blocks, g_from_blocks = core.map_blocks(
+      one, (state["blocks"], t), compute)
+  loss_h, mh, g_head = _head_grad(model, state["shared"], y, k_head)
+  g_shared = jax.tree.map(lambda a, b: a.sum(0) + b, g_from_blocks, g_head)
+  aux = {"block_loss": val, "block_mse": err, "block_accuracy": acc, "updates": updates,
+         "head_loss": loss_h, **mh}
+  return g_blocks, g_shared, aux
+
+
+def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
+               y: jax.Array) -> tuple[State, Metrics]:
+  """One optimizer step of all T blocks and the head/embedding on one batch: `gradients`
+  applied, each block by its own AdamW (own clipping norm, moments and count)."""
+  g_blocks, g_shared, aux = gradients(model, compute, state, x, y)
+  shared, opt_shared = _apply_shared(optim, state, g_shared)
   params = state["blocks"]["params"]
   upd, opt_blocks = jax.vmap(core.adamw(optim).update)(g_blocks, state["opt_blocks"], params)
-  blocks = {**state["blocks"], **updates, "params": optax.apply_updates(params, upd)}
+  blocks = {**state["blocks"], **aux["updates"], "params": optax.apply_updates(params, upd)}
   new_state = {**state, "step": state["step"] + 1, "blocks": blocks, "shared": shared,
                "opt_blocks": opt_blocks, "opt_shared": opt_shared}
-  return new_state, {"loss": val.sum() + loss_h, "block_loss": val, "block_mse": err,
-                     "block_accuracy": acc, **mh}
+  return new_state, {"loss": aux["block_loss"].sum() + aux["head_loss"],
+                     **{k: aux[k] for k in ("block_loss", "block_mse", "block_accuracy", "ce", "kl")}}
 
 
 def sequential_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
@@ -224,8 +246,9 @@ def sequential_step(model: Model, optim: Optim, compute: Compute, state: State, 
   k_blocks, k_head = jax.random.split(core.step_key(state))
   one = _block_grad(model, state["shared"], x, y, k_blocks, compute.precision, 1)
   variables, o = core.take(state["blocks"], block), core.take(state["opt_blocks"], block)
-  val, err, updates, acc, g_p, g_shared = one((variables, block + 1))
-  loss_h, mh, shared, opt_shared = _update_shared(model, optim, state, g_shared, y, k_head)
+  val, err, updates, acc, g_p, g_from_block = one((variables, block + 1))
+  loss_h, mh, g_head = _head_grad(model, state["shared"], y, k_head)
+  shared, opt_shared = _apply_shared(optim, state, jax.tree.map(jnp.add, g_from_block, g_head))
   upd, new_o = core.adamw(optim).update(g_p, o, variables["params"])
   new = {**variables, **updates, "params": optax.apply_updates(variables["params"], upd)}
   new_state = {**state, "step": state["step"] + 1, "blocks": core.put(state["blocks"], block, new),

@@ -191,6 +191,8 @@ def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn) -> tuple[Run, An
   meta = {"step": 0, "train_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
   if ckpt_step is not None:
     state, meta = ckpt.restore(ckpt_step, state)
+    if mesh is None:  # orbax commits the arrays to a device, which would compile other
+      state = jax.device_put(jax.device_get(state))  # programs than a fresh state's
     print_fn(f"resuming from checkpoint at step {ckpt_step} (epoch {ckpt_step // per_epoch + 1}, "
              f"{ckpt_step % per_epoch}/{per_epoch} steps into it)")
   if mesh is not None:
@@ -211,6 +213,11 @@ def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn) -> tuple[Run, An
   return run, state
 
 
+def _data_meta(run: Run) -> dict[str, Any]:
+  """The data's shapes, saved with every checkpoint: `load_run` rebuilds the model from them."""
+  return {"input_shape": list(run.model.input_shape), "num_classes": run.model.num_classes}
+
+
 def _check_finite(value: float, step: int, ckpt_step: int | None, workdir: Path) -> None:
   if not math.isfinite(value):
     where = (f"the last good checkpoint (step {ckpt_step}) in {workdir / 'checkpoints'} is "
@@ -225,7 +232,9 @@ def run_epoch(run: Run, state, epoch: int, workdir: Path, checkpoint_every: int,
   seconds), or None when `stop_at_step` (a simulated kill, for tests) is reached."""
   first = max(run.start, epoch * run.per_epoch)
   resumed = first == run.start
-  loss_sum = jnp.float32(run.meta["loss_sum"] if resumed else 0.0)
+  # An explicit transfer (jnp.float32 would be an implicit one), placed like the data.
+  loss_sum = jax.device_put(np.float32(run.meta["loss_sum"] if resumed else 0.0),
+                            run.arrays["train"][1].sharding)
   count = int(run.meta["loss_count"]) if resumed else 0
   bar = tqdm(range(first, (epoch + 1) * run.per_epoch), initial=first - epoch * run.per_epoch,
              total=run.per_epoch, desc=f"epoch {epoch + 1}/{run.cfg.train.epochs}",
@@ -252,7 +261,8 @@ def run_epoch(run: Run, state, epoch: int, workdir: Path, checkpoint_every: int,
       return None
     if done % checkpoint_every == 0 and done % run.per_epoch:
       run.ckpt.save(done, state, {"step": done, "train_seconds": train_seconds + time.perf_counter() - t0,
-                                  "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count})
+                                  "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count,
+                                  **_data_meta(run)})
   bar.close()
   epoch_loss = float(jax.device_get(loss_sum)) / max(count, 1)
   _check_finite(epoch_loss, (epoch + 1) * run.per_epoch, run.ckpt.latest_step(), workdir)
@@ -290,7 +300,7 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
   # On several hosts every process trains and checkpoints; only process 0 writes files.
   primary = jax.process_index() == 0
   print_fn = print_fn if primary else (lambda _: None)
-  guard_config(workdir, cfg.flat())
+  guard_config(workdir, cfg.to_dict())
   ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_dir, verify=cfg.data.verify)
   run, state = setup(cfg, workdir, ds, print_fn)
   tr = cfg.train
@@ -325,7 +335,7 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
           f.write(json.dumps(record) + "\n")
       done = (epoch + 1) * run.per_epoch
       run.ckpt.save(done, state, {"step": done, "train_seconds": train_seconds, "loss_sum": 0.0,
-                                  "loss_count": 0})
+                                  "loss_count": 0, **_data_meta(run)})
       sched = (f", gamma_0 {last['gamma_0']:.3f}, gamma_1 {last['gamma_1']:.3f}"
                if "gamma_0" in last else "")
       accs = (f", train acc {e['train_accuracy']:.4f}, test acc {e['test_accuracy']:.4f} (mean "

@@ -39,3 +39,21 @@ def _compilation_cache(tmp_path_factory):
 
 
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+# Plain functions (import them with `from conftest import ...`): the input shape and class
+# count of each named dataset, and a config's model built as the trainer builds it.
+
+SHAPES = {"digits": ((8, 8, 1), 10), "mnist": ((28, 28, 1), 10),
+          "fashion_mnist": ((28, 28, 1), 10), "cifar10": ((32, 32, 3), 10),
+          "cifar100": ((32, 32, 3), 100), "tiny_imagenet": ((64, 64, 3), 200)}
+
+
+def build(cfg, input_shape=None, num_classes=None):
+  """(resolved compute, model) of a RunConfig, for its dataset's shapes unless given."""
+  from noprop_jax import trainer
+
+  shape, m = SHAPES.get(cfg.data.dataset, (None, None))
+  compute = trainer.resolve_compute(cfg)
+  return compute, trainer.build_model(cfg, input_shape or shape, num_classes or m, compute)

@@ -1,20 +1,24 @@
-"""Exact parameter counts (paper Table 5) and the custom-gradient convolution."""
+"""The provided blocks: exact parameter counts (paper Table 5), the feature split, and the
+custom-gradient convolution."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noprop_jax import dt, trainer
-from noprop_jax.config import Config
+from conftest import build
+from noprop_jax import blocks, core, dt, trainer
+from noprop_jax.blocks import max_pool_2x2
+from noprop_jax.config import METHODS, RunConfig
 from noprop_jax.conv import conv2d as conv_patches, conv2d_gemm, im2col
-from noprop_jax.models import init_embedding, max_pool_2x2
 
 
 def _params_per_block(**kw) -> int:
-  cfg = Config.create(**kw)
-  state = jax.eval_shape(lambda k: trainer.init_state(cfg, k), jax.random.key(0))
-  return trainer.method_module(cfg).params_per_block(state)
+  """As the trainer builds the method's model for the dataset's shapes (no data loaded)."""
+  cfg = RunConfig.create(**kw)
+  _, model = build(cfg)
+  state = jax.eval_shape(lambda k: trainer.init_state(cfg, model, k), jax.random.key(0))
+  return METHODS[cfg.method].num_block_params(state)
 
 
 @pytest.mark.parametrize("kw, expected", [
@@ -40,19 +44,53 @@ def test_paper_parameter_counts(kw, expected):
 
 
 def test_stacked_blocks_and_shared_shapes():
-  cfg = Config.create(dataset="mnist", embedding="learned", embedding_dim=20, T=4)
-  state = jax.eval_shape(lambda k: dt.init(cfg, k), jax.random.key(0))
+  cfg = RunConfig.create(dataset="mnist", embedding="learned", embedding_dim=20, T=4)
+  _, model = build(cfg)
+  state = jax.eval_shape(lambda k: dt.init(model, k), jax.random.key(0))
   for leaf in jax.tree.leaves(state["blocks"]) + jax.tree.leaves(state["opt_blocks"]):
     assert leaf.shape[0] == 4
+  assert set(state["blocks"]) == {"params", "batch_stats"}  # BatchNorm statistics, per block
   assert state["shared"]["embed"].shape == (10, 20)
   assert state["shared"]["head"]["kernel"].shape == (20, 10)
 
 
 def test_learned_embedding_is_orthogonal():
-  W = init_embedding(jax.random.key(0), 10, 20)
+  W = core.init_embedding("learned", jax.random.key(0), 10, 20)
   np.testing.assert_allclose(W @ W.T, np.eye(10), atol=1e-5)
-  W = init_embedding(jax.random.key(0), 100, 20)  # d < m: orthonormal columns instead
+  W = core.init_embedding("learned", jax.random.key(0), 100, 20)  # d < m: orthonormal columns
   np.testing.assert_allclose(W.T @ W, np.eye(20), atol=1e-5)
+
+
+@pytest.mark.parametrize("time_conditioned", [False, True])
+@pytest.mark.parametrize("name, shape", [("paper", (8, 8, 1)), ("mlp", (64,)), ("mlp", (4, 4, 4))])
+def test_provided_blocks_split_into_features_and_the_rest(name, shape, time_conditioned):
+  """Every provided block's `from_features(features(x), z[, t])` is its `__call__`: inference
+  may compute the z- and t-independent pathway once per input."""
+  block = blocks.make(blocks.BlockConfig(block=name), time_conditioned, 10, shape)
+  assert core.has_split(block)
+  kx, kz, kp = jax.random.split(jax.random.key(0), 3)
+  x, z = jax.random.uniform(kx, (5, *shape)), jax.random.normal(kz, (5, 10))
+  t = (jnp.full((5,), 0.3),) if time_conditioned else ()
+  variables = core.init_block(block, kp, x, z, *t)
+  whole, _ = core.apply(block, variables, x, z, *t)
+  h = core.features(block, variables, x)
+  split = core.from_features(block, variables, h, z, *(jnp.float32(0.3),) if time_conditioned else ())
+  assert whole.shape == (5, 10)
+  np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_block_needs_images_and_pads_small_ones():
+  with pytest.raises(ValueError, match="block 'mlp'"):
+    blocks.make(blocks.BlockConfig(), False, 10, (64,))
+  assert blocks.padding_for((8, 8, 1)) == "SAME" and blocks.padding_for((28, 28, 1)) == "VALID"
+  cfg = blocks.BlockConfig(block="mlp", hidden=32, depth=1, dropout=0.1)
+  block = blocks.make(cfg, False, 7, (3, 5))
+  assert isinstance(block, blocks.MLPBlock) and (block.hidden, block.depth, block.dropout) == (32, 1, 0.1)
+  assert isinstance(blocks.make(cfg, True, 7, (3, 5)), blocks.MLPTimeBlock)
+  for bad, match in ((dict(block="resnet"), "unknown block"), (dict(conv_impl="fft"), "conv_impl"),
+                     (dict(dropout=1.0), "dropout"), (dict(hidden=0), "hidden")):
+    with pytest.raises(ValueError, match=match):
+      blocks.BlockConfig(**bad)
 
 
 @pytest.mark.parametrize("impl", ["patches", "gemm"])

@@ -34,4 +34,4 @@ def test_sharded_steps_on_eight_simulated_devices_match_one_device():
   assert result["ct data=8"]["diff"] <= 1.0  # CT splits its batch over 'data'
   r = result["train blocks=2,data=4"]  # the training loop itself on a mesh
   assert r["mesh"] == {"blocks": 2, "data": 4}
-  assert 0.1 < r["test_accuracy"] <= 1.0
+  assert 0.5 < r["test_accuracy"] <= 1.0  # well above chance (0.1)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from noprop_jax.config import Config
+from conftest import build
+from noprop_jax.config import RunConfig
 from noprop_jax.schedule import cosine_alpha_bar, dt_schedule
 
 
@@ -13,10 +14,11 @@ def test_alpha_bar_runs_from_noise_to_label(T):
   assert ab.shape == (T + 1,)
   assert ab[0] == pytest.approx(1e-4) and ab[-1] == pytest.approx(0.9999)
   assert np.all(np.diff(ab) > 0), "alpha_bar must increase with t (NoProp's direction)"
-  s = dt_schedule(T, eta=0.1)
+  s = dt_schedule(T)
   dsnr = np.diff(np.asarray(s.snr, np.float64))
   assert np.all(np.isfinite(s.snr)) and np.all(dsnr > 0)
-  np.testing.assert_allclose(s.weight, 0.5 * T * 0.1 * dsnr, rtol=1e-5)
+  assert s.dsnr.shape == (T,) and np.all(np.asarray(s.dsnr) > 0)
+  np.testing.assert_allclose(s.dsnr, dsnr, rtol=1e-5)
 
 
 def test_paper_T10_last_block_input_is_nearly_clean():
@@ -29,7 +31,7 @@ def test_posterior_matches_bayes_rule(T):
   """q(z_t | z_{t-1}, y) from the prior q(z_t | y) and the noising step
   z_{t-1} = sqrt(alpha_{t-1}) z_t + sqrt(1 - alpha_{t-1}) eps, by Bayes' rule."""
   ab = cosine_alpha_bar(T)
-  s = dt_schedule(T, eta=0.1)
+  s = dt_schedule(T)
   for t in range(1, T + 1):
     alpha = ab[t - 1] / ab[t]
     prior_var, lik_var = 1 - ab[t], 1 - alpha
@@ -46,18 +48,23 @@ def test_posterior_matches_bayes_rule(T):
 
 def test_schedule_rejects_collapsed_steps():
   with pytest.raises(ValueError, match="increase strictly"):
-    dt_schedule(400, eta=0.1)  # near t = T neighbouring steps clip to the same alpha_bar
+    dt_schedule(400)  # near t = T neighbouring steps clip to the same alpha_bar
+
+
+def test_schedule_clip_sets_the_ends():
+  ab = np.asarray(dt_schedule(5, 1e-3, 0.99).alpha_bar)
+  assert ab[0] == pytest.approx(1e-3) and ab[-1] == pytest.approx(0.99)
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(T=0), "T must be >= 1"),
+    (dict(T=0), "T >= 1"),
     (dict(lr=-1e-3), "learning rate must be > 0"),
     (dict(dataset="imagenet"), "unknown dataset 'imagenet'"),
     (dict(method="ddpm"), "unknown method 'ddpm'"),
-    (dict(method="adjoint", embedding="learned"), "fixed one-hot embedding"),
-    (dict(method="ct", classifier="radial"), "NoProp-DT option"),
+    (dict(method="adjoint", embedding="learned"), "--embedding is a setting of .*not of adjoint"),
+    (dict(method="ct", classifier="radial"), "--classifier is a setting of dt, not of ct"),
     (dict(classifier="cosine"), "unknown classifier"),
-    (dict(embedding="prototype", embedding_dim=20), "the image size H \\* W \\* C \\(64\\)"),
+    (dict(embedding="prototype", embedding_dim=20), r"the input size \(product of input_shape\) \(64\)"),
     (dict(radial_sigma=0.0), "radial_sigma must be > 0"),
     (dict(embedding="onehot", embedding_dim=20), "must equal the number of classes"),
     (dict(embedding="random"), "unknown embedding"),
@@ -66,13 +73,19 @@ def test_schedule_rejects_collapsed_steps():
     (dict(eta=0.0), "eta"),
 ])
 def test_bad_config_is_a_clear_error(overrides, match):
+  """Named by RunConfig.create, or at the latest when the model meets the data's shapes
+  (digits: 8 x 8 x 1, 10 classes)."""
   with pytest.raises(ValueError, match=match):
-    Config.create(**overrides)
+    build(RunConfig.create(**overrides))
 
 
 def test_paper_defaults_per_dataset():
-  assert Config.create(dataset="mnist").epochs == 100
-  c = Config.create(dataset="cifar100")
-  assert (c.epochs, c.num_classes, c.embedding_dim, c.lr, c.weight_decay, c.eta, c.T,
-          c.batch_size) == (150, 100, 100, 1e-3, 1e-3, 0.1, 10, 128)
-  assert Config.create(dataset="cifar10", embedding="learned").embedding_dim == 20
+  assert RunConfig.create(dataset="mnist").train.epochs == 100
+  c = RunConfig.create(dataset="cifar100")
+  _, model = build(c)
+  tr = c.train
+  assert (tr.epochs, model.num_classes, model.dim, tr.lr, tr.weight_decay, model.eta, c.T,
+          tr.batch_size) == (150, 100, 100, 1e-3, 1e-3, 0.1, 10, 128)
+  assert build(RunConfig.create(dataset="cifar10", embedding="learned"))[1].dim == 20
+  assert RunConfig.create(method="ct", dataset="cifar10").train.epochs == 500
+  assert RunConfig.create(method="adjoint", dataset="mnist").train.epochs == 2
