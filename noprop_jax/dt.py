@@ -281,13 +281,15 @@ def features(model: Model, compute: Compute, state: State, x: jax.Array) -> jax.
 
 def denoise_chain(model: Model, state: State, x: jax.Array, feats_TB, z0_BD: jax.Array,
                   eps_TBD: jax.Array) -> jax.Array:
-  """z_t = a_t u_hat_t(z_{t-1}, x) + b_t z_{t-1} + sqrt(c_t) eps_t for t = 1..T (lax.scan)."""
+  """z_t = a_t u_hat_t(z_{t-1}, x) + b_t z_{t-1} + sqrt(c_t) eps_t for t = 1..T (lax.scan);
+  each block from its `features` (feats_TB) or, given None, whole on x."""
   s, W = model.schedule, core.embedding_matrix(state["shared"], model.num_classes)
   x = core.to_float(x)
 
   def step(z, inp):
     v, h, a, b, c, eps = inp
-    logits = core.from_features(model.block, v, x if h is None else h, z)
+    logits = (core.apply(model.block, v, x, z)[0] if h is None
+              else core.from_features(model.block, v, h, z))
     return a * (jax.nn.softmax(logits) @ W) + b * z + jnp.sqrt(c) * eps, None
 
   return lax.scan(step, z0_BD, (state["blocks"], feats_TB, s.a, s.b, s.c, eps_TBD))[0]

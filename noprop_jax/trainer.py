@@ -287,6 +287,21 @@ def _host_metrics(tree) -> dict[str, Any]:
           for k, v in jax.device_get(tree).items()}
 
 
+def _keep_metrics(path: Path, epochs: int) -> None:
+  """Keep the first `epochs` epochs' lines of metrics.jsonl (a resumed run rewrites the rest)."""
+  lines = path.read_text().splitlines() if path.exists() else []
+  path.write_text("".join(l + "\n" for l in lines if l.strip() and json.loads(l)["epoch"] <= epochs))
+
+
+def _epoch_line(r: dict[str, Any], epochs: int) -> str:
+  """The printed line of a metrics.jsonl record."""
+  accs = (f", train acc {r['train_accuracy']:.4f}, test acc {r['test_accuracy']:.4f} (mean path "
+          f"{r['test_accuracy_mean_path']:.4f}, stochastic {r['test_accuracy_stochastic']:.4f})"
+          if "test_accuracy" in r else "")
+  sched = f", gamma_0 {r['gamma_0']:.3f}, gamma_1 {r['gamma_1']:.3f}" if "gamma_0" in r else ""
+  return f"epoch {r['epoch']}/{epochs}: loss {r['train_loss']:.4g}{accs}{sched}, {r['seconds']:.1f}s"
+
+
 def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
           checkpoint_every: int = 200, log_every: int = 10, progress: bool = True,
           stop_at_step: int | None = None, print_fn: Callable[[str], None] = print) -> dict | None:
@@ -310,10 +325,8 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
     final_key = jax.random.fold_in(eval_key, 10**6)
   metrics_path = workdir / "metrics.jsonl"
   start_epoch = run.start // run.per_epoch
-  kept = [l for l in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-          if l.strip() and json.loads(l)["epoch"] <= start_epoch]
   if primary:
-    metrics_path.write_text("".join(l + "\n" for l in kept))
+    _keep_metrics(metrics_path, start_epoch)
   train_seconds = float(run.meta["train_seconds"])
   try:
     for epoch in range(start_epoch, tr.epochs):
@@ -336,12 +349,7 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
       done = (epoch + 1) * run.per_epoch
       run.ckpt.save(done, state, {"step": done, "train_seconds": train_seconds, "loss_sum": 0.0,
                                   "loss_count": 0, **_data_meta(run)})
-      sched = (f", gamma_0 {last['gamma_0']:.3f}, gamma_1 {last['gamma_1']:.3f}"
-               if "gamma_0" in last else "")
-      accs = (f", train acc {e['train_accuracy']:.4f}, test acc {e['test_accuracy']:.4f} (mean "
-              f"path {e['test_accuracy_mean_path']:.4f}, stochastic "
-              f"{e['test_accuracy_stochastic']:.4f})" if evaluated else "")
-      print_fn(f"epoch {epoch + 1}/{tr.epochs}: loss {epoch_loss:.4g}{accs}{sched}, {seconds:.1f}s")
+      print_fn(_epoch_line(record, tr.epochs))
   finally:
     run.ckpt.close()
   summary = summarize(run, state, final_key, train_seconds)

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noprop_jax import adjoint, backprop, dt, prototypes, solvers, trainer
-from noprop_jax.config import Config
+from noprop_jax import adjoint, backprop, blocks, core, dt, prototypes, solvers, trainer
+from noprop_jax.checkpoint import ConfigMismatchError, guard_config
+from noprop_jax.config import RunConfig
 from noprop_jax.data import load_digits
 
 DIGITS = load_digits()
@@ -18,34 +19,45 @@ def _norm(tree) -> float:
   return float(sum(jnp.sum(a.astype(jnp.float32) ** 2) for a in jax.tree.leaves(tree))) ** 0.5
 
 
+def _model(cfg: RunConfig, input_shape=DIGITS.train.images.shape[1:], num_classes=10):
+  """The method's Model with the configured block, as the training loop builds it."""
+  return trainer.build_model(cfg, tuple(input_shape), num_classes, trainer.resolve_compute(cfg))
+
+
 # ----------------------------------------------------------------------------- backprop
 
-def test_backprop_chain_is_eq_17_to_19_and_gradients_cross_blocks():
-  cfg = Config.create(method="backprop", T=2, embedding="learned", embedding_dim=6, dropout=0.0)
-  state = backprop.init(cfg, jax.random.key(0))
-  params, stats = state["params"], state["batch_stats"]
+@pytest.mark.parametrize("formulation", ["unroll", "vmap"])  # unrolled chain, lax.scan chain
+def test_backprop_chain_is_eq_17_to_19_and_gradients_cross_blocks(formulation):
+  cfg = RunConfig.create("backprop", T=2, embedding="learned", embedding_dim=6, dropout=0.0)
+  model = _model(cfg)
+  compute = core.Compute(formulation).resolve(model.T)
+  state = backprop.init(model, jax.random.key(0))
+  params, stats = state["params"], state["stats"]
+  assert set(stats) == {"batch_stats"}  # the paper's DT block has BatchNorm
   params = {**params, "w": jnp.array([0.3, -0.7]),
             "head": {"kernel": jax.random.normal(jax.random.key(1), (6, 10)),
                      "bias": jnp.zeros(10)}}
   z0 = jax.random.normal(jax.random.key(2), (8, 6))
 
-  # Eq. 17-19 written out block by block.
-  model, W = dt.make_model(cfg), params["embed"]
-  z = z0
-  for t in range(2):
-    p = jax.tree.map(lambda a: a[t], params["blocks"])
-    s = jax.tree.map(lambda a: a[t], stats)
-    u_hat = jax.nn.softmax(model.apply({"params": p, "batch_stats": s}, X, z, train=False)) @ W
-    a = np.tanh(float(params["w"][t]))
-    z = (1 - a) * z + a * u_hat
-  expected = z @ params["head"]["kernel"] + params["head"]["bias"][None, :]
-  got, _ = backprop.forward(cfg, params, stats, X, z0, train=False)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  @jax.jit
+  def by_hand(params):  # Eq. 17-19 written out block by block
+    W, z = params["embed"], z0
+    for t in range(2):
+      p = jax.tree.map(lambda a: a[t], params["blocks"])
+      s = jax.tree.map(lambda a: a[t], stats["batch_stats"])
+      u_hat = jax.nn.softmax(model.block.apply({"params": p, "batch_stats": s}, X, z, train=False)) @ W
+      a = jnp.tanh(params["w"][t])
+      z = (1 - a) * z + a * u_hat
+    return z @ params["head"]["kernel"] + params["head"]["bias"][None, :]
+
+  got, updates = jax.jit(lambda p: backprop.forward(model, compute, p, stats, X, z0))(params)
+  np.testing.assert_allclose(got, by_hand(params), rtol=1e-5, atol=1e-5)
+  assert not jax.tree.leaves(updates)  # inference mode: the BatchNorm statistics stay
 
   # End-to-end: the first block's gradient is non-zero and depends on the later blocks,
   # unlike NoProp-DT's, where block t's loss never reaches another block (test_dt).
   def ce_of(params):
-    logits, _ = backprop.forward(cfg, params, stats, X, z0, train=False)
+    logits, _ = backprop.forward(model, compute, params, stats, X, z0)
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), Y])
 
   grad = jax.jit(jax.grad(ce_of))
@@ -60,25 +72,30 @@ def test_backprop_chain_is_eq_17_to_19_and_gradients_cross_blocks():
 
 
 def _train_digits(cfg, steps=48):
-  """`steps` steps on 256 digits; returns (state, losses, accuracy on them, sampled runs)."""
-  state = trainer.init_state(cfg, jax.random.key(0))
-  step = trainer.make_epoch_step(cfg, 256)
+  """`steps` steps on 256 digits; returns (model, state, losses, mean-path accuracy on
+  them, sampled runs' accuracies)."""
+  model, compute = _model(cfg), trainer.resolve_compute(cfg)
+  state = trainer.init_state(cfg, model, jax.random.key(0))
+  step = trainer.make_epoch_step(cfg, model, compute, 256)
   x, y = jnp.asarray(DIGITS.train.images[:256]), jnp.asarray(DIGITS.train.labels[:256])
   losses = []
   for _ in range(steps):
     state, m = step(state, x, y)
     losses.append(float(m["loss"]))
-  acc, runs = trainer.make_evaluator(cfg, 256, 2)(state, x, y, jax.random.key(1))
-  return state, losses, float(acc), runs
+  acc, runs = trainer.make_evaluator(cfg, model, compute, 256, 2)(state, x, y, jax.random.key(1))
+  return model, state, losses, float(acc), runs
 
 
 def test_backprop_trains_and_evaluates():
-  cfg = Config.create(method="backprop", T=2, batch_size=32)
-  state, losses, acc, runs = _train_digits(cfg)
+  cfg = RunConfig.create("backprop", T=2, batch_size=32)
+  model, state, losses, acc, runs = _train_digits(cfg)
   assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.1, losses
   assert acc > 0.4 and runs.shape == (2,), (acc, runs)  # chance is 0.1
-  x, y = jnp.asarray(DIGITS.train.images[:16]), jnp.asarray(DIGITS.train.labels[:16])
-  np.testing.assert_array_equal(trainer.predict(cfg, state, x), backprop.predict(cfg, state, x))
+  assert int(state["step"]) == 48
+  # The evaluator's mean path is `predict`'s (z_0 = 0, inference-mode BatchNorm).
+  x, y = jnp.asarray(DIGITS.train.images[:256]), jnp.asarray(DIGITS.train.labels[:256])
+  pred = jnp.argmax(backprop.predict(model, state, x), -1)
+  assert float(jnp.mean(pred == y)) == pytest.approx(acc, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- adjoint
@@ -123,27 +140,36 @@ def test_adjoint_memory_is_flat_in_the_number_of_steps():
 
 
 def test_adjoint_model_gradients_match_backprop_through_the_solve():
-  cfg = Config.create(method="adjoint", inference_steps=64, dropout=0.0)
-  state = adjoint.init(cfg, jax.random.key(0))
+  cfg = RunConfig.create("adjoint", inference_steps=64, dropout=0.0)
+  model = _model(cfg)
+  assert isinstance(model.block, blocks.CTBlock) and core.has_split(model.block)
+  state = adjoint.init(model, jax.random.key(0))
   params = {**state["params"], "head": {"kernel": jax.random.normal(jax.random.key(1), (10, 10)),
                                         "bias": jnp.zeros(10)}}
-  grads = [jax.jit(jax.grad(lambda p, a=a: adjoint.loss_fn(cfg, p, X, Y, jax.random.key(2), a)[0]))(
-      params) for a in (True, False)]
+  grads = [jax.jit(jax.grad(lambda p, s=s: adjoint.loss(model, p, X, Y, jax.random.key(2), s)[0]))(
+      params) for s in (solvers.euler_adjoint, solvers.euler)]
   flat_a, flat_b = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for t in grads)
   cos = float(flat_a @ flat_b / (jnp.linalg.norm(flat_a) * jnp.linalg.norm(flat_b)))
   assert cos > 0.99, cos
-  # Every part of the block gets gradient: the conv tower through the image term's cotangent.
+  # Every part of the block gets gradient: the conv tower through the features' cotangent.
   conv = grads[0]["block"]["image"]["Conv_0"]["kernel"]
   assert _norm(conv) > 0
   np.testing.assert_allclose(conv, grads[1]["block"]["image"]["Conv_0"]["kernel"],
                              rtol=0.1, atol=0.1 * float(jnp.max(jnp.abs(conv))))
+  assert float(grads[0]["log_rate"]) != 0  # the learned rate trains too
 
 
 def test_adjoint_trains():
-  cfg = Config.create(method="adjoint", inference_steps=8, batch_size=32, lr=3e-3)
-  _, losses, acc, _ = _train_digits(cfg)
+  cfg = RunConfig.create("adjoint", inference_steps=8, batch_size=32, lr=3e-3)
+  _, _, losses, acc, _ = _train_digits(cfg)
   assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.05, losses
   assert acc > 0.2, acc
+
+
+def test_adjoint_refuses_another_embedding():
+  model = adjoint.Model(blocks.MLPTimeBlock(10, hidden=8, depth=1), (4,), 10, inference_steps=2)
+  with pytest.raises(ValueError, match="fixed one-hot embedding"):
+    adjoint.init(model, jax.random.key(0), embed=jnp.zeros((10, 4)))
 
 
 # ----------------------------------------------------------------------------- prototypes
@@ -181,26 +207,36 @@ def test_prototype_embedding_rows_are_class_medoids_scaled_like_the_inputs():
 
 
 def test_prototype_init_needs_the_prototypes():
-  cfg = Config.create(embedding="prototype", T=2)
-  with pytest.raises(ValueError, match="initialised from the training images"):
-    dt.init(cfg, jax.random.key(0))
+  cfg = RunConfig.create("dt", embedding="prototype", T=2)
+  model = _model(cfg)
+  assert model.dim == 64 and model.block.prototype_shape == (8, 8, 1)
+  with pytest.raises(ValueError, match="initialised from the training inputs"):
+    dt.init(model, jax.random.key(0))
   with pytest.raises(ValueError, match=r"shape \(10, 64\)"):
-    dt.init(cfg, jax.random.key(0), embed=jnp.zeros((10, 20)))
+    dt.init(model, jax.random.key(0), embed=jnp.zeros((10, 20)))
   W = prototypes.prototype_embedding(DIGITS.train.images, DIGITS.train.labels, 10)
-  state = trainer.init_state(cfg, jax.random.key(0), DIGITS.train.images, DIGITS.train.labels)
+  state = trainer.init_state(cfg, model, jax.random.key(0), DIGITS.train.images, DIGITS.train.labels)
   np.testing.assert_array_equal(state["shared"]["embed"], W)
+  # The continuous-time methods take the same rows (their embedding is a parameter too).
+  cfg_ct = RunConfig.create("ct", embedding="prototype")
+  model_ct = _model(cfg_ct)
+  state = trainer.init_state(cfg_ct, model_ct, jax.random.key(0), DIGITS.train.images,
+                             DIGITS.train.labels)
+  np.testing.assert_array_equal(state["params"]["embed"], W)
 
 
 # ----------------------------------------------------------------------------- radial classifier
 
 @pytest.mark.usefixtures("strict_dtypes")
 def test_radial_probabilities_match_eq_15_16_and_sum_to_one():
-  cfg = Config.create(embedding="learned", embedding_dim=5, classifier="radial", radial_sigma=0.7)
+  block = blocks.MLPBlock(10, hidden=8, depth=1)
+  model = dt.Model(block, (64,), 10, embedding="learned", embedding_dim=5, classifier="radial",
+                   radial_sigma=0.7)
   k = jax.random.split(jax.random.key(0), 4)
   shared = {"head": {"kernel": jax.random.normal(k[0], (5, 10)), "bias": jax.random.normal(k[1], (10,))},
             "embed": jax.random.normal(k[2], (10, 5))}
   z = jax.random.normal(k[3], (6, 5))
-  p = np.asarray(jax.nn.softmax(dt.class_logits(cfg, shared, z)), np.float64)
+  p = np.asarray(jax.nn.softmax(dt.class_logits(model, shared, z)), np.float64)
   np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
 
   f = np.asarray(z, np.float64) @ np.asarray(shared["head"]["kernel"]) + np.asarray(shared["head"]["bias"])
@@ -212,21 +248,24 @@ def test_radial_probabilities_match_eq_15_16_and_sum_to_one():
   direct /= direct.sum(-1, keepdims=True)
   np.testing.assert_allclose(p, direct, rtol=1e-5)
   # With the softmax head the same z gives other probabilities: the option is live.
-  soft_cfg = Config.create(embedding="learned", embedding_dim=5)
-  assert not np.allclose(jax.nn.softmax(dt.class_logits(soft_cfg, shared, z)), p)
+  soft_model = dt.Model(block, (64,), 10, embedding="learned", embedding_dim=5)
+  assert not np.allclose(jax.nn.softmax(dt.class_logits(soft_model, shared, z)), p)
+  # The run config passes the setting through to the Model.
+  cfg = RunConfig.create("dt", classifier="radial", radial_sigma=0.7, block="mlp")
+  assert _model(cfg, (64,)).classifier == "radial" and _model(cfg, (64,)).radial_sigma == 0.7
 
 
 def test_adjoint_solver_steps_are_not_a_resumable_change(tmp_path):
-  from noprop_jax.checkpoint import ConfigMismatchError, guard_config
-
   for method, resumable in (("ct", True), ("adjoint", False)):
     workdir = tmp_path / method
     workdir.mkdir()
-    cfg = Config.create(method=method).to_dict()
+    cfg = RunConfig.create(method).to_dict()
     guard_config(workdir, cfg)
-    changed = {**cfg, "inference_steps": 100}  # CT: inference only; adjoint: also training
+    # An omitted setting equals its explicit default.
+    guard_config(workdir, RunConfig.create(method, inference_steps=1000).to_dict())
+    changed = RunConfig.create(method, inference_steps=100).to_dict()  # CT: inference only
     if resumable:
       guard_config(workdir, changed)
-    else:
+    else:  # the adjoint trains with its solver steps
       with pytest.raises(ConfigMismatchError, match="inference_steps: saved 1000, now 100"):
         guard_config(workdir, changed)

@@ -1,4 +1,5 @@
-"""The training loop: learning, exact resume, config guard, non-finite loss, CLI errors."""
+"""The training loop: learning, exact resume, config guard, non-finite loss, CLI errors, and
+the CLI on a user's own .npz arrays."""
 
 import dataclasses
 import json
@@ -9,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from noprop_jax import data
-from noprop_jax.checkpoint import Checkpointer, ConfigMismatchError
-from noprop_jax.config import Config
-from noprop_jax.trainer import NonFiniteLossError, train
+from noprop_jax import data, dt
+from noprop_jax.checkpoint import ConfigMismatchError
+from noprop_jax.config import RunConfig
+from noprop_jax.trainer import (NonFiniteLossError, build_model, init_state, load_run,
+                                make_epoch_step, resolve_compute, train)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import train as train_cli  # noqa: E402
@@ -21,28 +23,31 @@ DIGITS = data.load("digits")
 TINY = dict(dataset="digits", T=2, batch_size=128, inference_runs=2)  # 11 steps per epoch
 
 
+def _cfg(**kw):
+  kw = {**TINY, **kw}
+  return RunConfig.create(kw.pop("method", "dt"), **kw)
+
+
 def _run(workdir, **kw):
-  cfg = Config.create(**{**TINY, **kw.pop("cfg", {})})
-  return train(cfg, workdir, dataset=kw.pop("dataset", DIGITS), progress=False,
-               print_fn=lambda s: None, **kw)
+  return train(_cfg(**kw.pop("cfg", {})), workdir, dataset=kw.pop("dataset", DIGITS),
+               progress=False, print_fn=lambda s: None, **kw)
 
 
-def _params(workdir, cfg_kw):
-  from noprop_jax import dt
-  cfg = Config.create(**{**TINY, **cfg_kw})
-  ckpt = Checkpointer(Path(workdir))
-  state, meta = ckpt.restore(ckpt.latest_step(), dt.init(cfg, jax.random.key(0)))
-  ckpt.close()
-  return state, meta
+def _state(workdir):
+  """(state, step) of the run's latest checkpoint."""
+  _, _, state, step = load_run(workdir)
+  return state, step
 
 
 def test_short_digits_run_learns_and_writes_metrics(tmp_path):
-  s = _run(tmp_path, cfg=dict(T=3, epochs=6, batch_size=32))
+  # The other tests' config (one compilation per worker), 55 steps: 0.97 on XLA:CPU.
+  s = _run(tmp_path, cfg=dict(epochs=5))
   assert s["test_accuracy"] >= 0.85, s  # chance is 0.10
   assert 0 <= s["test_accuracy_stochastic"] <= 1 and len(s["test_accuracy_stochastic_runs"]) == 2
-  assert s["params_per_block"] == 526_730 and s["config"]["T"] == 3
+  assert s["params_per_block"] == 526_730 and s["config"]["model"]["T"] == 2
+  assert s["input_shape"] == [8, 8, 1] and s["num_classes"] == 10 and s["steps"] == 55
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [l["epoch"] for l in lines] == list(range(1, 7))
+  assert [l["epoch"] for l in lines] == list(range(1, 6))
   for key in ("train_loss", "train_accuracy", "test_accuracy", "seconds"):
     assert all(np.isfinite(l[key]) for l in lines)
   assert lines[-1]["train_loss"] < lines[0]["train_loss"]
@@ -53,12 +58,10 @@ def test_resume_after_interruption_is_exact(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
   _run(a, cfg=dict(epochs=2), checkpoint_every=4)
   assert _run(b, cfg=dict(epochs=2), checkpoint_every=4, stop_at_step=14) is None  # mid epoch 2
-  _, meta = _params(b, dict(epochs=2))
-  assert meta["step"] == 12  # last checkpoint before the "kill": step 12 of 22
+  assert _state(b)[1] == 12  # last checkpoint before the "kill": step 12 of 22
   _run(b, cfg=dict(epochs=2), checkpoint_every=4)
-  sa, _ = _params(a, dict(epochs=2))
-  sb, meta = _params(b, dict(epochs=2))
-  assert meta["step"] == 22
+  (sa, _), (sb, step) = _state(a), _state(b)
+  assert step == 22
   for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
     np.testing.assert_array_equal(x, y)
   la = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
@@ -71,8 +74,8 @@ def test_resume_after_interruption_is_exact(tmp_path):
 def test_same_seed_same_result_other_seed_differs(tmp_path):
   s1 = _run(tmp_path / "1", cfg=dict(epochs=1))
   s2 = _run(tmp_path / "2", cfg=dict(epochs=1))
-  s3 = _run(tmp_path / "3", cfg=dict(epochs=1, seed=1))
-  p1, p2, p3 = (_params(tmp_path / n, dict(epochs=1, seed=s))[0] for n, s in (("1", 0), ("2", 0), ("3", 1)))
+  _run(tmp_path / "3", cfg=dict(epochs=1, seed=1))
+  p1, p2, p3 = (_state(tmp_path / n)[0] for n in ("1", "2", "3"))
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
     np.testing.assert_array_equal(x, y)
   assert s1["test_accuracy_stochastic_runs"] == s2["test_accuracy_stochastic_runs"]
@@ -83,6 +86,8 @@ def test_different_config_on_same_workdir_is_refused(tmp_path):
   _run(tmp_path, cfg=dict(epochs=1))
   with pytest.raises(ConfigMismatchError, match=r"lr: saved 0.001, now 0.01"):
     _run(tmp_path, cfg=dict(epochs=1, lr=1e-2))
+  with pytest.raises(ConfigMismatchError, match=r"T: saved 2, now 3"):
+    _run(tmp_path, cfg=dict(epochs=1, T=3))
   s = _run(tmp_path, cfg=dict(epochs=2))  # more epochs: resumes and extends
   assert s["steps"] == 22
 
@@ -94,28 +99,44 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
   poisoned = dataclasses.replace(DIGITS, train=data.Split(bad, DIGITS.train.labels))
   with pytest.raises(NonFiniteLossError, match=r"last good checkpoint \(step 11\)"):
     _run(tmp_path, cfg=dict(epochs=2), dataset=poisoned)
-  state, meta = _params(tmp_path, dict(epochs=2))
-  assert meta["step"] == 11
+  state, step = _state(tmp_path)
+  assert step == 11
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
 
 
 def test_wrong_image_shape_is_refused(tmp_path):
   wrong = dataclasses.replace(DIGITS, train=data.Split(np.zeros((20, 28, 28, 1), np.float32),
                                                        np.zeros(20, np.int32)))
-  with pytest.raises(ValueError, match=r"shape \[batch, 8, 8, 1\]"):
+  with pytest.raises(ValueError, match=r"train and test inputs differ in shape"):
     _run(tmp_path, dataset=wrong)
+  cfg = _cfg()
+  model = build_model(cfg, (8, 8, 1), 10, resolve_compute(cfg))
+  with pytest.raises(ValueError, match=r"inputs must have shape \[batch, 8, 8, 1\]"):
+    dt.predict(model, init_state(cfg, model, jax.random.key(0)), np.zeros((4, 28, 28, 1)))
+
+
+def _one_error_line(capsys) -> str:
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+  return err
 
 
 @pytest.mark.parametrize("argv, match", [
     (["--dataset", "svhn"], "unknown dataset 'svhn'"),
-    (["--method", "adjoint", "--embedding", "learned"], "fixed one-hot embedding"),
-    (["--method", "magic"], "unknown method"),
-    (["--T", "0"], "T must be >= 1"),
+    (["--method", "adjoint", "--embedding", "learned"],
+     "--embedding is a setting of dt, ct, fm, backprop, not of adjoint"),
+    (["--method", "ct", "--classifier", "radial"], "--classifier is a setting of dt, not of ct"),
+    (["--method", "magic"], "unknown method 'magic'"),
+    (["--T", "0"], "need T >= 1"),
+    (["--method", "fm", "--inference-steps", "0"], "need inference_steps >= 1"),
     (["--lr", "-0.1"], "learning rate must be > 0"),
+    (["--block", "resnet"], "unknown block 'resnet'"),
+    (["--method", "backprop", "--precision", "bfloat16"], "not backprop"),
 ])
 def test_cli_bad_arguments(argv, match, capsys, tmp_path):
   assert train_cli.main(argv + ["--workdir", str(tmp_path)]) == 2
-  assert match in capsys.readouterr().err
+  assert match in _one_error_line(capsys)
+  assert not (tmp_path / "config.json").exists()  # refused before touching the workdir
 
 
 def test_cli_missing_data_files(capsys, tmp_path):
@@ -127,13 +148,12 @@ def test_cli_missing_data_files(capsys, tmp_path):
 
 
 def test_one_compilation_per_config_and_no_host_transfers_per_step(traces):
-  from noprop_jax import dt
-  from noprop_jax.trainer import make_epoch_step
-
-  cfg = Config.create(**TINY)
-  step = make_epoch_step(cfg, len(DIGITS.train.labels))
+  cfg = _cfg()
+  compute = resolve_compute(cfg)
+  model = build_model(cfg, DIGITS.train.images.shape[1:], 10, compute)
+  step = make_epoch_step(cfg, model, compute, len(DIGITS.train.labels))
   x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)
-  state = dt.init(cfg, jax.random.key(0))
+  state = init_state(cfg, model, jax.random.key(0))
   state, _ = step(state, x, y)
   assert traces, "the listener must see the first trace"
   traces.clear()
@@ -147,7 +167,7 @@ def test_one_compilation_per_config_and_no_host_transfers_per_step(traces):
 def test_sequential_training_is_algorithm_1(tmp_path):
   s = _run(tmp_path, cfg=dict(epochs=1, training="sequential"))
   assert s["steps"] == 22  # T passes of 11 steps, pass t updates block t
-  state, _ = _params(tmp_path, dict(epochs=1, training="sequential"))
+  state, _ = _state(tmp_path)
   counts = np.asarray(state["opt_blocks"][1][0].count)  # per-block AdamW step counts
   np.testing.assert_array_equal(counts, [11, 11])
   assert int(state["opt_shared"][1][0].count) == 22  # the head trains every step
@@ -159,3 +179,102 @@ def test_eval_every_skips_test_evaluation_but_not_the_last_epoch(tmp_path):
   assert [l["epoch"] for l in lines] == [1, 2, 3]
   assert ["test_accuracy" in l for l in lines] == [False, True, True]
   assert all(np.isfinite(l["train_loss"]) for l in lines)
+
+
+# ----------------------------------------------------------------------------- the user's .npz
+
+def _digits_npz(path: Path, kind: str) -> tuple[list[int], int]:
+  """A small slice of digits saved as the user's arrays: 'vectors' (64 features, all 10
+  classes) or 'images' (8x8x1, classes 0-4 only). Returns (input_shape, num_classes)."""
+  split = lambda s, n: (s.images[:n], s.labels[:n])
+  (xa, ya), (xb, yb) = split(DIGITS.train, 320), split(DIGITS.test, 100)
+  if kind == "vectors":
+    xa, xb = xa.reshape(len(xa), 64), xb.reshape(len(xb), 64)
+  else:
+    xa, ya, xb, yb = xa[ya < 5], ya[ya < 5], xb[yb < 5], yb[yb < 5]
+  np.savez(path, x_train=xa, y_train=ya.astype(np.int64), x_test=xb, y_test=yb.astype(np.int64))
+  return list(xa.shape[1:]), int(max(ya.max(), yb.max())) + 1
+
+
+@pytest.mark.parametrize("method", ["dt", "fm", "backprop"])
+@pytest.mark.parametrize("kind, block", [("vectors", "mlp"), ("images", "paper")])
+def test_cli_trains_on_a_npz_file(method, kind, block, tmp_path, capsys):
+  path = tmp_path / f"my_{kind}.npz"
+  input_shape, num_classes = _digits_npz(path, kind)
+  assert num_classes == (10 if kind == "vectors" else 5)
+  w = tmp_path / "run"
+  argv = ["--method", method, "--dataset", str(path), "--block", block, "--epochs", "1",
+          "--batch-size", "64", "--inference-runs", "1", "--workdir", str(w), "--no-progress"]
+  argv += {"dt": ["--T", "2"], "backprop": ["--T", "2"], "fm": ["--inference-steps", "2"]}[method]
+  argv += ["--hidden", "32"] if block == "mlp" else []
+  assert train_cli.main(argv) == 0, capsys.readouterr().err
+  assert "test accuracy" in capsys.readouterr().out
+  s = json.loads((w / "summary.json").read_text())
+  assert s["input_shape"] == input_shape and s["num_classes"] == num_classes
+  assert s["data_source"] == str(path) and s["config"]["method"] == method
+  assert s["config"]["data"]["dataset"] == str(path) and 0 <= s["test_accuracy"] <= 1
+  cfg, model, _, step = load_run(w)  # the checkpoint rebuilds the model for these shapes
+  assert list(model.input_shape) == input_shape and model.num_classes == num_classes
+  assert step == s["steps"] and cfg.block.block == block
+
+
+def _good_arrays():
+  rng = np.random.RandomState(0)
+  return dict(x_train=rng.rand(40, 6).astype(np.float32), y_train=np.arange(40) % 3,
+              x_test=rng.rand(12, 6).astype(np.float32), y_test=np.arange(12) % 3)
+
+
+def _broken(name):
+  a = _good_arrays()
+  if name == "missing key":
+    del a["y_test"]
+  elif name == "length mismatch":
+    a["y_train"] = a["y_train"][:-1]
+  elif name == "negative label":
+    a["y_train"] = a["y_train"] - 1
+  elif name == "float labels":
+    a["y_test"] = a["y_test"].astype(np.float32)
+  elif name == "one-hot labels":
+    a["y_train"] = np.eye(3, dtype=np.int64)[a["y_train"]]
+  elif name == "object array":
+    a["x_test"] = np.array([object()] * 12, dtype=object)
+  elif name == "non-finite inputs":
+    a["x_train"][3, 2] = np.nan
+  elif name == "shape mismatch":
+    a["x_test"] = a["x_test"][:, :5]
+  elif name == "one class":
+    a["y_train"], a["y_test"] = np.zeros(40, np.int64), np.zeros(12, np.int64)
+  return a
+
+
+@pytest.mark.parametrize("name, match", [
+    ("missing key", "missing keys ['y_test']"),
+    ("length mismatch", "x_train has 40 examples but y_train has 39 labels"),
+    ("negative label", "y_train has 14 negative labels"),
+    ("float labels", "y_test has dtype float32 (float labels are not accepted)"),
+    ("one-hot labels", "looks one-hot"),
+    ("object array", "x_test is an object array"),
+    ("non-finite inputs", "x_train has 1 non-finite values"),
+    ("shape mismatch", "both splits need the same shape"),
+    ("one class", "at least 2 classes"),
+    ("not a zip", "corrupt or not a .npz file"),
+    ("no file", "no such file"),
+])
+def test_cli_refuses_a_broken_npz_file(name, match, tmp_path, capsys):
+  path = tmp_path / "arrays.npz"
+  if name == "not a zip":
+    path.write_bytes(b"these are not the arrays you are looking for")
+  elif name != "no file":
+    np.savez(path, **_broken(name))
+  rc = train_cli.main(["--dataset", str(path), "--block", "mlp", "--epochs", "1",
+                       "--workdir", str(tmp_path / "w"), "--no-progress"])
+  assert rc == 1
+  err = _one_error_line(capsys)
+  assert match in err and str(path) in err, err
+  assert not (tmp_path / "w" / "checkpoints").exists()  # stopped before training
+
+
+def test_the_good_arrays_are_accepted(tmp_path):
+  np.savez(tmp_path / "arrays.npz", **_good_arrays())
+  ds = data.load(str(tmp_path / "arrays.npz"))
+  assert ds.num_classes == 3 and ds.train.images.shape == (40, 6)
