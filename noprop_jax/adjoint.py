@@ -133,10 +133,7 @@ def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Com
 def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = None,
             mode: str = "mean") -> jax.Array:
   """Class logits [B, m]. mode 'mean': z_0 = 0; 'stochastic': z_0 ~ N(0, I), needs `key`."""
-  core.check_inputs(x, model.input_shape)
-  core.check_choice("inference mode", mode, core.INFERENCE_MODES)
-  if mode == "stochastic" and key is None:
-    raise ValueError("stochastic inference needs a PRNG key")
+  core.check_predict(model, x, mode, key)
   return _predict(model, state, x, key, mode)
 
 

@@ -11,7 +11,6 @@ State: {'step', 'rng', 'params': {'blocks' (stacked on T), 'w' [T], 'head', 'emb
 """
 
 import dataclasses
-import math
 from functools import partial
 
 import flax.linen as nn
@@ -42,10 +41,7 @@ class Model:
       raise ValueError(f"need T >= 1 and num_classes >= 2, got {self.T}, {self.num_classes}")
     self.dim  # validates the embedding
 
-  @property
-  def dim(self) -> int:
-    return core.embedding_dim(self.embedding, self.embedding_dim, self.num_classes,
-                              math.prod(self.input_shape))
+  dim = property(core.model_dim)  # d, the embedding's dimension
 
 
 def optimizer(optim: Optim):
@@ -125,10 +121,7 @@ def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = No
             mode: str = "mean", compute: Compute | None = None) -> jax.Array:
   """Class logits [B, m]. mode 'mean': z_0 = 0; 'stochastic': z_0 ~ N(0, I), needs `key`
   (the network's only randomness at inference)."""
-  core.check_inputs(x, model.input_shape)
-  core.check_choice("inference mode", mode, core.INFERENCE_MODES)
-  if mode == "stochastic" and key is None:
-    raise ValueError("stochastic inference needs a PRNG key")
+  core.check_predict(model, x, mode, key)
   return _predict(model, (compute or Compute()).resolve(model.T), state, x, key, mode)
 
 

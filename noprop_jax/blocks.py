@@ -263,32 +263,18 @@ class MLPBlock(nn.Module):
     return self.from_features(self.features(x, train), z_BD, train)
 
 
-class MLPTimeBlock(nn.Module):
+class MLPTimeBlock(MLPBlock):
   """A NoProp-CT / -FM / adjoint block for inputs of any shape: (x, z, t) -> logits.
 
   As `MLPBlock`, with a sinusoidal embedding of t -> Dense-ReLU concatenated to the
   input and label pathways. In `from_features` t may be a scalar shared by the batch.
   """
 
-  num_classes: int
-  hidden: int = 256
-  depth: int = 2
-  dropout: float = 0.0
   t_dim: int = 64
 
   def setup(self):
-    self.x_layers = [nn.Dense(self.hidden) for _ in range(self.depth)]
-    self.drop = nn.Dropout(self.dropout)
-    self.z_layer = nn.Dense(self.hidden)
+    super().setup()
     self.t_layer = nn.Dense(self.hidden)
-    self.mix = nn.Dense(self.hidden)
-    self.out = nn.Dense(self.num_classes)
-
-  def features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    h = x.reshape(x.shape[0], -1)
-    for layer in self.x_layers:
-      h = self.drop(nn.relu(layer(h)), deterministic=not train)
-    return h
 
   def from_features(self, h_BH: jax.Array, z_BD: jax.Array, t: jax.Array,
                     train: bool = False) -> jax.Array:

@@ -17,6 +17,7 @@ same time); `__call__` always gets t as [B].
 
 import dataclasses
 import inspect
+import math
 from functools import partial
 from typing import Any, Callable
 
@@ -109,6 +110,15 @@ def check_inputs(x, input_shape: tuple[int, ...]) -> None:
                      f"{tuple(input_shape)}), got {tuple(x.shape)}")
 
 
+def check_predict(model, x, mode: str, key) -> None:
+  """What every method's `predict` checks before tracing: the inputs' shape, the mode,
+  and a key for sampling."""
+  check_inputs(x, model.input_shape)
+  check_choice("inference mode", mode, INFERENCE_MODES)
+  if mode == "stochastic" and key is None:
+    raise ValueError("stochastic inference needs a PRNG key")
+
+
 def new_rng(key: jax.Array) -> jax.Array:
   """The run's key as raw uint32 data: a plain array that checkpoints like any other."""
   return jax.random.key_data(key)
@@ -197,6 +207,12 @@ def embedding_dim(kind: str, dim: int, num_classes: int, input_size: int) -> int
   if dim < 0:
     raise ValueError(f"embedding_dim must be >= 0 (0: {LEARNED_DIM}), got {dim}")
   return dim or LEARNED_DIM
+
+
+def model_dim(model) -> int:
+  """d of a method's Model with `embedding` and `embedding_dim` settings."""
+  return embedding_dim(model.embedding, model.embedding_dim, model.num_classes,
+                       math.prod(model.input_shape))
 
 
 def init_embedding(kind: str, key: jax.Array, m: int, d: int,

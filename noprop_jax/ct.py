@@ -12,7 +12,6 @@ State: {'step', 'rng', 'params': {'block', 'head', 'embed' (unless one-hot),
 """
 
 import dataclasses
-import math
 from functools import partial
 
 import flax.linen as nn
@@ -57,10 +56,7 @@ class Model:
                        f"{self.gamma_1_init}")
     self.dim  # validates the embedding
 
-  @property
-  def dim(self) -> int:
-    return core.embedding_dim(self.embedding, self.embedding_dim, self.num_classes,
-                              math.prod(self.input_shape))
+  dim = property(core.model_dim)  # d, the embedding's dimension
 
   @property
   def schedule(self) -> LearnedSchedule:
@@ -209,10 +205,7 @@ def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = No
             mode: str = "mean", steps: int | None = None) -> jax.Array:
   """Class scores [B, m]. mode 'mean': z_0 = 0 and the probability-flow ODE; 'stochastic':
   z_0 ~ N(0, I) (and the SDE's noise with the 'sde' sampler), needs `key`."""
-  core.check_inputs(x, model.input_shape)
-  core.check_choice("inference mode", mode, core.INFERENCE_MODES)
-  if mode == "stochastic" and key is None:
-    raise ValueError("stochastic inference needs a PRNG key")
+  core.check_predict(model, x, mode, key)
   return _predict(model, state, x, key, mode, steps)
 
 

@@ -17,7 +17,6 @@ and embedding. State (a plain pytree):
 """
 
 import dataclasses
-import math
 from functools import partial
 
 import flax.linen as nn
@@ -63,10 +62,7 @@ class Model:
                        f"got {self.alpha_bar_min}, {self.alpha_bar_max}")
     self.dim  # validates the embedding
 
-  @property
-  def dim(self) -> int:
-    return core.embedding_dim(self.embedding, self.embedding_dim, self.num_classes,
-                              math.prod(self.input_shape))
+  dim = property(core.model_dim)  # d, the embedding's dimension
 
   @property
   def schedule(self) -> DTSchedule:
@@ -303,10 +299,7 @@ def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = No
   and, early in training, more accurate than sampling); 'stochastic': the paper's
   sampling, z_0 ~ N(0, I) and eps_t ~ N(0, I), needs `key`.
   """
-  core.check_inputs(x, model.input_shape)
-  core.check_choice("inference mode", mode, core.INFERENCE_MODES)
-  if mode == "stochastic" and key is None:
-    raise ValueError("stochastic inference needs a PRNG key")
+  core.check_predict(model, x, mode, key)
   return _predict(model, _inference_compute(model, compute), state, x, key, mode)
 
 

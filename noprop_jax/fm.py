@@ -12,7 +12,6 @@ embedding only)}, 'opt'}.
 """
 
 import dataclasses
-import math
 from functools import partial
 
 import flax.linen as nn
@@ -45,10 +44,7 @@ class Model:
                        f"{self.inference_steps}, {self.num_classes}")
     self.dim  # validates the embedding
 
-  @property
-  def dim(self) -> int:
-    return core.embedding_dim(self.embedding, self.embedding_dim, self.num_classes,
-                              math.prod(self.input_shape))
+  dim = property(core.model_dim)  # d, the embedding's dimension
 
   @property
   def anchored(self) -> bool:
@@ -155,10 +151,7 @@ def class_scores(model: Model, state: State, z_1: jax.Array) -> jax.Array:
 def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = None,
             mode: str = "mean", steps: int | None = None) -> jax.Array:
   """Class scores [B, m]. mode 'mean': z_0 = 0; 'stochastic': z_0 ~ N(0, I), needs `key`."""
-  core.check_inputs(x, model.input_shape)
-  core.check_choice("inference mode", mode, core.INFERENCE_MODES)
-  if mode == "stochastic" and key is None:
-    raise ValueError("stochastic inference needs a PRNG key")
+  core.check_predict(model, x, mode, key)
   return _predict(model, state, x, key, mode, steps)
 
 
