@@ -302,6 +302,4 @@ def from_args(args: argparse.Namespace) -> RunConfig:
               for _, _, f, _ in owners[:1]}
   method = settings.pop("method") or "dt"
   core.check_choice("method", method, METHODS)
-  own = set(method_settings(method)) | _names(BlockConfig) | _names(DataConfig) | _names(TrainConfig)
-  return RunConfig.create(method, **{k: v for k, v in settings.items()
-                                     if v is not None and (k in own or k in ALL_METHOD_SETTINGS)})
+  return RunConfig.create(method, **{k: v for k, v in settings.items() if v is not None})
