@@ -7,7 +7,7 @@ Tiny ImageNet: that one needs the local directory). Images come
 back as uint8 [N, H, W, C] (digits: float32 in [0, 1]); the training code
 scales uint8 to [0, 1] on the device. A .npz file (`load_npz`, or a path ending
 in .npz given to `load`) holds x_train, y_train, x_test, y_test; its inputs keep
-their shape and stay uint8 or become float32 (unscaled). Nothing here runs code
+their shape and are uint8 or float in [0, 1] (read as float32). Nothing here runs code
 from a data file: CIFAR pickles go through an unpickler that admits only numpy
 arrays, and .npz files are opened with allow_pickle=False.
 """
@@ -79,8 +79,11 @@ _IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-# Published MD5s: of the original .gz downloads, and of the uncompressed content
-# where known (a re-compressed .gz has other bytes but the same content).
+# MD5s of the original .gz downloads and of their uncompressed content (a re-compressed
+# or gunzipped file has other bytes but the same content). Fashion-MNIST's content MD5s:
+# the labels' computed here from the official repository's .gz files (whose own MD5s
+# match the published ones); the images', whose .gz the snapshot lacked, as published by
+# two independent sources that agree with ours on the labels.
 _IDX_MD5 = {
     "mnist": {
         "train-images-idx3-ubyte": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
@@ -88,11 +91,11 @@ _IDX_MD5 = {
         "t10k-images-idx3-ubyte": ("9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
         "t10k-labels-idx1-ubyte": ("ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
     },
-    "fashion_mnist": {  # only the .gz checksums are published
-        "train-images-idx3-ubyte": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", None),
-        "train-labels-idx1-ubyte": ("25c81989df183df01b3e8a0aad5dffbe", None),
-        "t10k-images-idx3-ubyte": ("bef4ecab320f06d8554ea6380940ec79", None),
-        "t10k-labels-idx1-ubyte": ("bb300cfdad3c16e7a12a480ee83cd310", None),
+    "fashion_mnist": {
+        "train-images-idx3-ubyte": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+        "train-labels-idx1-ubyte": ("25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
+        "t10k-images-idx3-ubyte": ("bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
+        "t10k-labels-idx1-ubyte": ("bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
     },
 }
 
@@ -133,16 +136,19 @@ def _read_idx(directory: Path, base: str, dataset: str, verify: bool) -> np.ndar
   else:
     content = raw
   if verify:
-    gz_md5, content_md5 = _IDX_MD5[dataset][base]
-    ok = _md5(content) == content_md5 or (name.endswith(".gz") and _md5(raw) == gz_md5)
-    if not ok and content_md5 is None and not name.endswith(".gz"):
-      warnings.warn(f"{path}: no published checksum for the uncompressed {dataset} file; "
-                    "checked its format only")
-    elif not ok:
-      raise DataError(f"{path}: checksum mismatch for {dataset} (content md5 {_md5(content)}); "
-                      "the file is corrupt or from another dataset. Pass verify=False "
-                      "(--no-verify) to load it anyway.")
+    _verify_idx(path, raw, content, dataset, base)
   return parse_idx(content, str(path))
+
+
+def _verify_idx(path: Path, raw: bytes, content: bytes, dataset: str, base: str) -> None:
+  """By content, so a gunzipped or re-compressed copy passes; a .gz also by its own bytes."""
+  gz_md5, content_md5 = _IDX_MD5[dataset][base]
+  got = _md5(content)
+  if got == content_md5 or (path.suffix == ".gz" and _md5(raw) == gz_md5):
+    return
+  raise DataError(f"{path}: checksum mismatch for {dataset} (content md5 {got}, published "
+                  f"{content_md5}); the file is corrupt or from another dataset. Put the "
+                  "original file there, or pass verify=False (--no-verify) to load it anyway.")
 
 
 def load_idx_dir(dataset: str, directory: str | os.PathLike, verify: bool = True) -> Dataset:
@@ -434,18 +440,28 @@ def _npz_array(f, key: str, where: str) -> np.ndarray:
 
 
 def _npz_inputs(x: np.ndarray, key: str, where: str) -> np.ndarray:
+  """uint8 (0..255) or float in [0, 1], the rule the functional API enforces too.
+
+  Other integer dtypes have no one right scale (0..255 saved as int64, or 0..65535?), and
+  floats outside [0, 1] would train on another scale than the pixels the blocks expect.
+  """
   if x.ndim == 0:
     raise DataError(f"{where}: {key} is a scalar; it needs a leading batch axis [N, ...]")
   if x.dtype == np.uint8:
     return x  # scaled by 1/255 on the device
-  if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
-    raise DataError(f"{where}: {key} has dtype {x.dtype}; store uint8 (pixels) or a "
-                    "real float/int array")
+  if not np.issubdtype(x.dtype, np.floating):
+    raise DataError(f"{where}: {key} has dtype {x.dtype}; store uint8 pixels (0..255) or "
+                    f"float in [0, 1], e.g. {key}.astype(np.uint8) for 0..255 pixels")
   x = x.astype(np.float32)
   bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
   if bad:
     raise DataError(f"{where}: {key} has {bad} non-finite values (NaN, inf, or beyond float32's "
                     "range); clean or impute them before saving")
+  lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+  if lo < 0 or hi > 1:
+    raise DataError(f"{where}: {key} holds floats from {lo:g} to {hi:g}, outside [0, 1]; "
+                    "rescale before saving, e.g. min-max scale both splits to [0, 1] with the "
+                    "same min and max")
   return x
 
 
@@ -479,9 +495,10 @@ def _npz_labels(y: np.ndarray, key: str, n: int, where: str) -> np.ndarray:
 def load_npz(path: str | os.PathLike) -> Dataset:
   """The user's arrays from one .npz file with keys x_train, y_train, x_test, y_test.
 
-  Inputs keep their shape [N, ...]; uint8 stays uint8 (scaled by 1/255 on the device),
-  any other real dtype becomes float32 unscaled. Labels are integer class indices [N];
-  num_classes is the largest label over both splits plus one.
+  Inputs keep their shape [N, ...] and are uint8 (0..255, scaled by 1/255 on the device)
+  or float in [0, 1] (read as float32, unscaled); other integer dtypes and floats outside
+  [0, 1] are refused. Labels are integer class indices [N]; num_classes is the largest
+  label over both splits plus one.
   """
   path = Path(path)
   if not path.is_file():
@@ -543,13 +560,61 @@ def _expected_files(dataset: str) -> str:
   return f"{spec['archive']} or its extracted folder {spec['folder']}/"
 
 
-def load_tfds(dataset: str, data_dir: str | None = None, download: bool = True) -> Dataset:
-  import tensorflow_datasets as tfds
+_TFDS_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+_TFDS_INSTALL = "pip install -e '.[tfds]'"
+_TFDS_BATCH = 10_000
 
-  train, test = tfds.as_numpy(tfds.load(dataset, split=["train", "test"], batch_size=-1,
-                                        as_supervised=True, data_dir=data_dir, download=download))
-  split = lambda xy: Split(np.asarray(xy[0], np.uint8), np.asarray(xy[1], np.int32))
-  return Dataset(dataset, split(train), split(test), 100 if dataset == "cifar100" else 10,
+
+def _tfds_missing(dataset: str, e: ImportError) -> DataError:
+  module = e.name or str(e)
+  return DataError(f"{dataset}: TensorFlow Datasets needs the module {module!r}, which is not "
+                   f"installed; run {_TFDS_INSTALL} in the project's root, or pass --data-dir DIR "
+                   f"holding the original files: {_expected_files(dataset)}")
+
+
+def tfds_split(dataset: str, batches, split: str) -> Split:
+  """(images, labels) numpy batches of one TFDS split (as_supervised) -> a Split.
+
+  Images must be uint8 [N, H, W, C] and labels class indices of `dataset`, so a TFDS
+  copy of another version or dataset stops here rather than training on it.
+  """
+  pairs = [(np.asarray(x), np.asarray(y).reshape(-1)) for x, y in batches]
+  where = f"tensorflow_datasets {dataset}/{split}"
+  if sum(len(y) for _, y in pairs) == 0:
+    raise DataError(f"{where}: the split is empty; delete its prepared copy and run again, "
+                    "or pass --data-dir DIR")
+  images = np.concatenate([x for x, _ in pairs])
+  labels = np.concatenate([y for _, y in pairs])
+  classes = _TFDS_CLASSES[dataset]
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise DataError(f"{where}: expected uint8 images [N, H, W, C], got {images.dtype} "
+                    f"{images.shape}; delete its prepared copy and run again, or pass --data-dir")
+  if len(labels) != len(images) or labels.min() < 0 or labels.max() >= classes:
+    raise DataError(f"{where}: expected {len(images)} labels in 0..{classes - 1}, got "
+                    f"{len(labels)} in {labels.min()}..{labels.max()}; delete its prepared copy "
+                    "and run again, or pass --data-dir")
+  return Split(images, labels.astype(np.int32))
+
+
+def load_tfds(dataset: str, data_dir: str | None = None, download: bool = True) -> Dataset:
+  """`dataset` from TensorFlow Datasets, downloaded and prepared on first use.
+
+  Preparing and reading need TensorFlow and importlib_resources (the project's `tfds`
+  extra), which TFDS itself does not install; a missing module is a DataError that says
+  what to install.
+  """
+  try:
+    import tensorflow_datasets as tfds
+
+    # Fixed batches, not batch_size=-1: that asks for one batch of the split's recorded size,
+    # which is sys.maxsize (TensorFlow aborts) when the metadata lacks it (tfds.testing.mock_data).
+    train, test = tfds.load(dataset, split=["train", "test"], batch_size=_TFDS_BATCH,
+                            as_supervised=True, data_dir=data_dir, download=download)
+    splits = {"train": tfds.as_numpy(train), "test": tfds.as_numpy(test)}
+    splits = {name: tfds_split(dataset, batches, name) for name, batches in splits.items()}
+  except ImportError as e:  # at import, or lazily inside tfds (TensorFlow, importlib_resources)
+    raise _tfds_missing(dataset, e) from None
+  return Dataset(dataset, splits["train"], splits["test"], _TFDS_CLASSES[dataset],
                  "tensorflow_datasets")
 
 
@@ -594,7 +659,9 @@ def load(dataset: str | os.PathLike, data_dir: str | os.PathLike | None = None, 
                             "and pass --data-dir DIR.")
   try:
     return load_tfds(dataset, tfds_dir, tfds_download)
-  except Exception as e:  # ImportError, offline download failure, missing prepared data
+  except DataError:  # a missing module or a bad prepared copy: its message says what to do
+    raise
+  except Exception as e:  # offline download failure, missing prepared data
     raise FileNotFoundError(
         f"{dataset}: no --data-dir given and TensorFlow Datasets could not provide it "
         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline, download "

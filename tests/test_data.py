@@ -1,11 +1,16 @@
 """Loaders on small files written here in the datasets' real formats."""
 
 import gzip
+import hashlib
 import io
 import os
 import pickle
+import sys
 import tarfile
+import types
+import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +59,50 @@ def test_idx_checksum_mismatch_is_refused(tmp_path):
     data.load("mnist", tmp_path)
 
 
+def _md5(path) -> str:
+  return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="../shared/data/mnist not present")
+def test_uncompressed_mnist_is_refused_as_fashion_mnist(tmp_path):
+  for base in data._IDX_FILES.values():  # gunzipped, as a user might leave them
+    gz = Path(SHARED_MNIST) / f"{base}.gz"
+    (tmp_path / base).write_bytes(gzip.decompress(gz.read_bytes()))
+  path = tmp_path / "train-images-idx3-ubyte"
+  with pytest.raises(DataError, match=rf"{path}: checksum mismatch for fashion_mnist "
+                     rf"\(content md5 {_md5(path)}, published f4a8712d.*--no-verify"):
+    data.load("fashion_mnist", tmp_path)
+  assert data.load("mnist", tmp_path).train.images.shape == (60000, 28, 28, 1)  # MNIST's own
+  assert data.load("fashion_mnist", tmp_path, verify=False).test.labels.shape == (10000,)
+
+
+def test_random_uncompressed_idx_is_refused_as_fashion_mnist(tmp_path):
+  arrays = _write_mnist(tmp_path, gz=False)  # valid IDX headers, random pixels and labels
+  path = tmp_path / "train-images-idx3-ubyte"
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # refused, not loaded with a warning
+    with pytest.raises(DataError, match=rf"{path}: checksum mismatch for fashion_mnist "
+                       rf"\(content md5 {_md5(path)}.*the original file.*--no-verify"):
+      data.load("fashion_mnist", tmp_path)
+  ds = data.load("fashion_mnist", tmp_path, verify=False)
+  np.testing.assert_array_equal(ds.train.images[..., 0], arrays["train-images-idx3-ubyte"])
+
+
+def test_uncompressed_fashion_mnist_is_verified_by_content(tmp_path, monkeypatch):
+  _write_mnist(tmp_path, gz=False)
+  published = {base: ("0" * 32, _md5(tmp_path / base)) for base in data._IDX_FILES.values()}
+  monkeypatch.setitem(data._IDX_MD5, "fashion_mnist", published)  # as if these were the originals
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert data.load("fashion_mnist", tmp_path).train.images.shape == (6, 28, 28, 1)
+
+
+def test_every_idx_file_has_both_published_md5s():
+  for dataset, files in data._IDX_MD5.items():
+    assert set(files) == set(data._IDX_FILES.values()), dataset
+    assert all(len(m) == 32 for pair in files.values() for m in pair), dataset
+
+
 def test_idx_corrupt_gzip(tmp_path):
   _write_mnist(tmp_path)
   (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00garbage" * 10)
@@ -100,6 +149,77 @@ def test_unknown_dataset_and_misplaced_data_dir(tmp_path):
 def test_offline_without_data_dir_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="--data-dir"):
     data.load("mnist", None, tfds_download=False, tfds_dir=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- TensorFlow Datasets
+
+def _tfds_records(tfds, name: str, n: int) -> dict:
+  """Each split of `name` as TFDS's mock makes it from the dataset's features (no network,
+  no TensorFlow): its records' images and labels, one numpy batch per split."""
+  with tfds.testing.mock_data(num_examples=n, policy=tfds.testing.MockPolicy.USE_CODE):
+    sources = dict(zip(("train", "test"), tfds.data_source(name, split=["train", "test"])))
+    records = {s: [src[i] for i in range(len(src))] for s, src in sources.items()}
+  return {s: [(np.stack([r["image"] for r in recs]), np.array([r["label"] for r in recs]))]
+          for s, recs in records.items()}
+
+
+@pytest.mark.parametrize("name, shape, classes", [
+    ("mnist", (28, 28, 1), 10), ("fashion_mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10)])
+def test_tfds_records_become_the_projects_arrays(name, shape, classes):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  batches = _tfds_records(tfds, name, 7)
+  for split, n in (("train", 7), ("test", 7)):
+    s = data.tfds_split(name, batches[split], split)
+    assert s.images.shape == (n, *shape) and s.images.dtype == np.uint8
+    assert s.labels.dtype == np.int32 and 0 <= s.labels.min() and s.labels.max() < classes
+    np.testing.assert_array_equal(s.images, batches[split][0][0])
+    np.testing.assert_array_equal(s.labels, batches[split][0][1])
+
+
+def test_tfds_split_refuses_what_is_not_the_dataset():
+  images, labels = np.zeros((4, 28, 28, 1), np.uint8), np.array([0, 1, 2, 10])
+  with pytest.raises(DataError, match=r"mnist/train: expected 4 labels in 0\.\.9, got 4 in 0\.\.10"):
+    data.tfds_split("mnist", [(images, labels)], "train")
+  with pytest.raises(DataError, match="expected uint8 images"):
+    data.tfds_split("mnist", [(images.astype(np.float32), labels % 10)], "train")
+  with pytest.raises(DataError, match="the split is empty"):
+    data.tfds_split("mnist", [], "test")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_load_through_mocked_tfds(name, tmp_path):
+  """The whole no --data-dir path (tfds.load, batches, adapter); needs the tfds extra."""
+  pytest.importorskip("tensorflow")
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = data.load(name, None, tfds_dir=str(tmp_path))
+  assert ds.name == name and ds.num_classes == 10 and ds.source == "tensorflow_datasets"
+  for s in (ds.train, ds.test):
+    assert s.images.shape == (12, 28, 28, 1) and s.images.dtype == np.uint8
+    assert s.labels.dtype == np.int32 and 0 <= s.labels.min() and s.labels.max() < 10
+
+
+def _raises_module_not_found(module):
+  def fail(*args, **kwargs):
+    raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+  return fail
+
+
+@pytest.mark.parametrize("where", ["inside tfds.load", "at import"])
+def test_missing_tfds_module_says_what_to_install(where, monkeypatch):
+  if where == "at import":  # tensorflow_datasets itself absent
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    module = "tensorflow_datasets"
+  else:  # as TFDS 4.9 does while preparing: importlib_resources (then TensorFlow) imported lazily
+    module = "importlib_resources"
+    fake = types.SimpleNamespace(load=_raises_module_not_found(module), as_numpy=lambda d: d)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  with pytest.raises(DataError) as e:
+    data.load("fashion_mnist")
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert f"needs the module '{module}'" in msg and "pip install -e '.[tfds]'" in msg, msg
+  assert "--data-dir DIR holding the original files: train-images-idx3-ubyte.gz" in msg, msg
 
 
 # ----------------------------------------------------------------------------- CIFAR

@@ -24,7 +24,7 @@ class _Trap:
 
 def _arrays(n_train=8, n_test=4, shape=(5, 5, 3), dtype=np.uint8, classes=3, seed=0):
   rng = np.random.RandomState(seed)
-  x = lambda n: (rng.randint(0, 256, (n, *shape)) if dtype == np.uint8 else rng.randn(n, *shape))
+  x = lambda n: (rng.randint(0, 256, (n, *shape)) if dtype == np.uint8 else rng.rand(n, *shape))
   # every class in both splits, so no "unseen class" warning unless a test asks for one
   y = lambda n: np.arange(n) % classes
   return dict(x_train=x(n_train).astype(dtype), y_train=y(n_train),
@@ -61,11 +61,33 @@ def test_round_trip_float_vectors(tmp_path):
   assert ds.num_classes == 6 and ds.name == "vectors" and ds.source == str(path)
 
 
-def test_int_inputs_become_float32_unscaled(tmp_path):
-  arrays = _arrays(shape=(2, 2), dtype=np.int64)
+def test_floats_at_the_ends_of_0_1_are_accepted(tmp_path):
+  arrays = _arrays(shape=(3,), dtype=np.float16)
+  arrays["x_train"][0], arrays["x_test"][0] = 0.0, 1.0
   ds = data.load_npz(_write(tmp_path, **arrays))
-  assert ds.train.images.dtype == np.float32
-  np.testing.assert_array_equal(ds.train.images, arrays["x_train"])
+  assert ds.train.images.dtype == ds.test.images.dtype == np.float32
+  assert ds.train.images.min() == 0.0 and ds.test.images.max() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16, np.int8])
+def test_integer_inputs_other_than_uint8_are_refused(tmp_path, dtype):
+  arrays = _arrays(shape=(2, 2))  # 0..255, as pixels saved without astype(np.uint8)
+  arrays = {k: v.astype(dtype) if k.startswith("x") else v for k, v in arrays.items()}
+  path = _write(tmp_path, **arrays)
+  with pytest.raises(DataError, match=rf"{path}: x_train has dtype {np.dtype(dtype)}; store uint8 "
+                     r"pixels \(0\.\.255\) or float in \[0, 1\]"):
+    data.load_npz(path)
+
+
+@pytest.mark.parametrize("lo, hi, key", [(-1.5, 1.0, "x_train"), (0.0, 255.0, "x_train"),
+                                         (0.0, 1.0001, "x_test")])
+def test_floats_outside_0_1_are_refused(tmp_path, lo, hi, key):
+  arrays = _arrays(shape=(4,), dtype=np.float32)
+  arrays[key][0, :2] = lo, hi
+  path = _write(tmp_path, **arrays)
+  with pytest.raises(DataError, match=rf"{path}: {key} holds floats from {lo:g} to "
+                     rf"{hi:g}, outside \[0, 1\]; rescale .*min-max scale"):
+    data.load_npz(path)
 
 
 def test_load_dispatches_npz_paths(tmp_path):
@@ -160,7 +182,7 @@ _REFUSALS = {
                     "the test split is empty"),
     "trailing shapes": (_edit(x_test=lambda a: a["x_test"][..., :1]),
                         r"x_train examples have shape \(5, 5, 3\) but x_test examples \(5, 5, 1\)"),
-    "mixed uint8 and float": (_edit(x_test=lambda a: a["x_test"].astype(np.float32)),
+    "mixed uint8 and float": (_edit(x_test=lambda a: a["x_test"].astype(np.float32) / 255),
                               "x_train is uint8 but x_test is float32"),
     "float labels": (_edit(y_train=lambda a: a["y_train"].astype(np.float32)),
                      r"y_train has dtype float32 \(float labels are not accepted\); store integer "
@@ -174,12 +196,18 @@ _REFUSALS = {
     "one class": (_edit(y_train=np.zeros(8, int), y_test=np.zeros(4, int)),
                   "only class 0; classification needs at least 2 classes"),
     "non-finite inputs": (_edit(x_train=lambda a: np.where(np.arange(3) == 0, np.nan,
-                                                           a["x_train"].astype(np.float64)),
-                                x_test=lambda a: a["x_test"].astype(np.float64)),
+                                                           a["x_train"] / 255.0),
+                                x_test=lambda a: a["x_test"] / 255.0),
                           "x_train has 200 non-finite values"),
     "non-numeric inputs": (_edit(x_train=lambda a: a["x_train"] > 0,
                                  x_test=lambda a: a["x_test"] > 0),
                            "x_train has dtype bool; store uint8"),
+    "int64 inputs": (_edit(x_train=lambda a: a["x_train"].astype(np.int64),
+                           x_test=lambda a: a["x_test"].astype(np.int64)),
+                     "x_train has dtype int64; store uint8 pixels"),
+    "unscaled floats": (_edit(x_train=lambda a: a["x_train"].astype(np.float32),
+                              x_test=lambda a: a["x_test"].astype(np.float32)),
+                        r"x_train holds floats from 0 to 255, outside \[0, 1\]"),
 }
 
 
