@@ -105,6 +105,8 @@ def logits(model: Model, params: dict, x: jax.Array, z0: jax.Array, key: jax.Arr
 def loss(model: Model, params: dict, x: jax.Array, y: jax.Array, key: jax.Array,
          solve=solvers.euler_adjoint):
   """Cross-entropy from z_0 ~ N(0, I). Returns (loss, metrics)."""
+  core.check_batch(model, x, y)
+  x = core.to_float(x)
   k0, k_drop = jax.random.split(key)
   z0 = jax.random.normal(k0, (x.shape[0], model.dim))
   out = logits(model, params, x, z0, k_drop, solve)
@@ -115,18 +117,23 @@ def loss(model: Model, params: dict, x: jax.Array, y: jax.Array, key: jax.Array,
 
 def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
                y: jax.Array) -> tuple[State, Metrics]:
-  """One AdamW step on one batch, the gradient from the adjoint ODE."""
+  """One AdamW step on one batch, the gradient from the adjoint ODE (dropped whole where
+  `core.update_ok` fails: metrics['skipped'])."""
+  core.check_batch(model, x, y)
 
   def objective(params, state, x, y, key):
     value, metrics = loss(model, params, x, y, key)
     return value, (metrics, {})
 
-  state, value, m = core.gradient_step(objective, optimizer(optim), state, x, y)
+  state, value, m = core.gradient_step(objective, optimizer(optim), state, x, y,
+                                        model.num_classes)
   return state, {"loss": value, "rate": jnp.exp(state["params"]["log_rate"]), **m}
 
 
 def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Compute()):
-  """Jitted `(state, x, y) -> (state, metrics)`; donates `state`."""
+  """`step(state, x, y) -> (state, metrics)`: checks the batch (shapes, dtypes and values:
+  one small host sync per call) and runs `step.jitted`, the jitted `train_step` that donates
+  `state`. Call `step.jitted` to skip the checks and the sync."""
   return core.jit_step(train_step, model, optim, compute.resolve(1))
 
 
@@ -147,6 +154,7 @@ def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: j
                 key: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
   """(correct with z_0 = 0, [runs] correct with z_0 ~ N(0, I)) on one batch; the features
   are computed once and all paths integrated together."""
+  core.check_batch(model, x, y, padding=True)
   params = state["params"]
   solve = lambda h, z0: solvers.euler(drift(model), z0, 0.0, 1.0, model.inference_steps,
                                       (params["block"], h, params["log_rate"]))

@@ -93,6 +93,8 @@ def forward(model: Model, compute: Compute, params: dict, stats: dict, x: jax.Ar
 def loss(model: Model, compute: Compute, params: dict, stats: dict, x: jax.Array,
          y: jax.Array, key: jax.Array):
   """Cross-entropy of the whole chain from z_0 ~ N(0, I). Returns (loss, (metrics, updated stats))."""
+  core.check_batch(model, x, y)
+  x = core.to_float(x)
   k0, k_drop = jax.random.split(key)
   z0 = jax.random.normal(k0, (x.shape[0], model.dim))
   logits, updates = forward(model, compute, params, stats, x, z0, k_drop)
@@ -103,17 +105,23 @@ def loss(model: Model, compute: Compute, params: dict, stats: dict, x: jax.Array
 
 def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
                y: jax.Array) -> tuple[State, Metrics]:
-  """One AdamW step of the whole network on one batch."""
+  """One AdamW step of the whole network on one batch (dropped whole, BatchNorm statistics
+  included, where `core.update_ok` fails: metrics['skipped'])."""
+  core.check_batch(model, x, y)
+
   def objective(params, state, x, y, key):
     value, (metrics, stats) = loss(model, compute, params, state["stats"], x, y, key)
     return value, (metrics, {"stats": {**state["stats"], **stats}})
 
-  state, value, m = core.gradient_step(objective, optimizer(optim), state, x, y)
+  state, value, m = core.gradient_step(objective, optimizer(optim), state, x, y,
+                                        model.num_classes)
   return state, {"loss": value, "alpha": jnp.tanh(state["params"]["w"]), **m}
 
 
 def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Compute()):
-  """Jitted `(state, x, y) -> (state, metrics)`; donates `state`."""
+  """`step(state, x, y) -> (state, metrics)`: checks the batch (shapes, dtypes and values:
+  one small host sync per call) and runs `step.jitted`, the jitted `train_step` that donates
+  `state`. Call `step.jitted` to skip the checks and the sync."""
   return core.jit_step(train_step, model, optim, compute.resolve(model.T))
 
 
@@ -134,6 +142,7 @@ def _predict(model, compute, state, x, key, mode):
 def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: jax.Array,
                 key: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
   """(correct with z_0 = 0, [runs] correct with z_0 ~ N(0, I)) on one batch."""
+  core.check_batch(model, x, y, padding=True)
   solve = lambda x, z0: forward(model, compute, state["params"], state["stats"], x, z0)[0]
   return core.eval_paths(solve, lambda logits: logits, core.to_float(x), y, key, runs, model.dim)
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -58,9 +59,14 @@ class Optim:
   grad_clip: float = 1.0  # clip by the gradient norm of each block / parameter group; 0: off
 
   def __post_init__(self):
-    check_positive("learning rate", self.lr)
-    check_positive("weight_decay", self.weight_decay, strict=False)
-    check_positive("grad_clip (0 disables)", self.grad_clip, strict=False)
+    # inf passes a plain `> 0` check, and any non-finite setting makes every update non-finite.
+    if not (math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f"learning rate must be > 0 and finite, got lr={self.lr}")
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+      raise ValueError(f"weight_decay must be >= 0 and finite, got weight_decay={self.weight_decay}")
+    if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+      raise ValueError("grad_clip must be >= 0 and finite (0 disables clipping), got "
+                       f"grad_clip={self.grad_clip}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +113,87 @@ def check_inputs(x, input_shape: tuple[int, ...]) -> None:
   if x.ndim != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
     want = ", ".join(map(str, ("batch", *input_shape)))
     raise ValueError(f"inputs must have shape [{want}] (the model's input_shape "
-                     f"{tuple(input_shape)}), got {tuple(x.shape)}")
+                     f"{tuple(input_shape)}), got x of shape {tuple(x.shape)}")
+
+
+PIXELS = "pass uint8 pixels 0..255 or floats in [0, 1]"
+LEVELS_MAX = 16  # uint8 inputs whose maximum is 1..16 look like levels, not 0..255 pixels
+
+
+def check_batch(model, x, y=None, padding: bool = False) -> None:
+  """What the functional API checks of a batch x [B, *model.input_shape] (and labels y [B]),
+  raising a one-line ValueError: shapes and dtypes always (they are static, so this works
+  under any jit), values only where the arrays are concrete (not traced): labels in
+  [0, num_classes) (`padding`: -1 too, rows that never count), float inputs finite and in
+  [0, 1], uint8 inputs not 0..16 levels."""
+  check_inputs(x, model.input_shape)
+  if x.shape[0] == 0:
+    raise ValueError(f"inputs x must hold at least one example, got an empty batch of shape "
+                     f"{tuple(x.shape)}")
+  if not (x.dtype == np.uint8 or jnp.issubdtype(x.dtype, jnp.floating)):
+    raise ValueError(f"inputs x have dtype {x.dtype}: {PIXELS}")
+  if y is not None:
+    m = model.num_classes
+    if y.ndim != 1:
+      raise ValueError(f"labels y must be class indices of shape [batch], got shape "
+                       f"{tuple(y.shape)}; for one-hot rows pass their argmax, y.argmax(-1)")
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+      raise ValueError(f"labels y must be integer class indices in [0, {m}), got dtype "
+                       f"{y.dtype}; cast whole numbers with y.astype(np.int32)")
+    if y.shape[0] != x.shape[0]:
+      raise ValueError(f"inputs x and labels y must have the same length, got {x.shape[0]} "
+                       f"inputs and {y.shape[0]} labels")
+  _check_values(model, x, y, padding)
+
+
+def _check_values(model, x, y, padding: bool) -> None:
+  concrete = {k: a for k, a in (("x", x), ("y", y))
+              if a is not None and not isinstance(a, jax.core.Tracer)}
+  found = dict(zip(concrete, value_ranges(*concrete.values())))
+  if "x" in found:
+    _check_pixels(x.dtype, *found["x"])
+  if "y" in found:
+    _check_labels(model.num_classes, padding, *found["y"])
+
+
+def _check_pixels(dtype, finite: bool, lo, hi) -> None:
+  if dtype == np.uint8:
+    if 1 <= hi <= LEVELS_MAX:
+      raise ValueError(f"inputs x are uint8 with maximum {hi}: that looks like 0..{LEVELS_MAX} "
+                       "levels (e.g. sklearn's digits), not 0..255 pixels; scale them to 0..255 "
+                       "or pass floats in [0, 1]")
+  elif not finite:
+    raise ValueError("inputs x must be finite floats in [0, 1], got NaN or inf values")
+  elif lo < 0 or hi > 1:
+    raise ValueError(f"inputs x must be floats in [0, 1], got values in [{float(lo):g}, "
+                     f"{float(hi):g}]; {PIXELS}")
+
+
+def _check_labels(m: int, padding: bool, _finite: bool, lo, hi) -> None:
+  if lo < (-1 if padding else 0) or hi >= m:
+    pad = " (or -1: padding)" if padding else ""
+    raise ValueError(f"labels y must be class indices in [0, {m}){pad}, got values in [{lo}, {hi}]")
+
+
+@jax.jit
+def _device_range(a: jax.Array):
+  return jnp.all(jnp.isfinite(a)), jnp.min(a), jnp.max(a)
+
+
+def value_ranges(*arrays) -> list[tuple]:
+  """(all finite, min, max) of each concrete array as Python scalars, computed where it
+  lives: a jax array's on its device, fetching only these scalars (one host sync for all),
+  any other's on the host. Works inside a trace, on arrays the trace closes over."""
+  with jax.ensure_compile_time_eval():
+    out = [_device_range(a) if isinstance(a, jax.Array)
+           else (np.isfinite(a).all(), np.min(a), np.max(a)) for a in arrays]
+  return [tuple(v.item() for v in r) for r in jax.device_get(out)]
 
 
 def check_predict(model, x, mode: str, key) -> None:
-  """What every method's `predict` checks before tracing: the inputs' shape, the mode,
-  and a key for sampling."""
-  check_inputs(x, model.input_shape)
+  """What every method's `predict` checks before tracing: the inputs (`check_batch`), the
+  mode, and a key for sampling."""
+  check_batch(model, x)
   check_choice("inference mode", mode, INFERENCE_MODES)
   if mode == "stochastic" and key is None:
     raise ValueError("stochastic inference needs a PRNG key")
@@ -348,22 +428,69 @@ def adam_l2(optim: Optim, no_decay: tuple[str, ...] = ()) -> optax.GradientTrans
   return optax.chain(*parts, optax.scale_by_adam(), optax.scale(-optim.lr))
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every float in `tree` is finite: a scalar bool."""
+  leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)
+            if jnp.issubdtype(a.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def update_ok(loss: jax.Array, grads: Any, y: jax.Array, num_classes: int) -> jax.Array:
+  """Whether a step may apply its update: a finite loss and gradients (`grads` may hold any
+  other new values, e.g. BatchNorm statistics) and every label in [0, num_classes). A label
+  out of range can give a finite loss towards a wrong target, so it is checked itself."""
+  return all_finite((loss, grads)) & jnp.all((y >= 0) & (y < num_classes))
+
+
+def apply_if(ok: jax.Array, update: Callable[[State], State], state: State) -> State:
+  """`update(state)` where `ok`, else `state` bit for bit (a bad batch's update is dropped
+  whole: parameters, optimizer state, statistics), with the step count advanced either way
+  (the batch order and the noise follow it).
+
+  A `lax.cond`, not a select of new against old: the update is computed only when it is
+  applied, and the state's buffers stay in place. A select would read and write the whole
+  state once more every step, which on a CPU costs as much as the optimizer update itself.
+  """
+  new = lax.cond(ok, update, lambda s: s, state)
+  return {**new, "step": state["step"] + 1}
+
+
+def skipped(ok: jax.Array) -> jax.Array:
+  """The metric `skipped`: 1.0 where the step did not apply its update, else 0.0."""
+  return jnp.where(ok, 0.0, 1.0).astype(jnp.float32)
+
+
 def gradient_step(loss_fn: Callable, opt: optax.GradientTransformation, state: State,
-                  x: jax.Array, y: jax.Array) -> tuple[State, jax.Array, Metrics]:
+                  x: jax.Array, y: jax.Array, num_classes: int) -> tuple[State, jax.Array, Metrics]:
   """One optimizer step of `state['params']` on `loss_fn(params, state, x, y, key) ->
   (loss, (metrics, state updates))` (the updates replace entries of the state, e.g.
-  BatchNorm statistics). Returns (new state, loss, metrics)."""
+  BatchNorm statistics), applied only where `update_ok` (metrics['skipped'] says).
+  Returns (new state, loss, metrics)."""
   (loss, (metrics, updates)), g = jax.value_and_grad(loss_fn, has_aux=True)(
       state["params"], state, to_float(x), y, step_key(state))
-  upd, opt_state = opt.update(g, state["opt"], state["params"])
-  new = {**state, **updates, "step": state["step"] + 1,
-         "params": optax.apply_updates(state["params"], upd), "opt": opt_state}
-  return new, loss, metrics
+  ok = update_ok(loss, (g, updates), y, num_classes)
+
+  def update(state):
+    upd, opt_state = opt.update(g, state["opt"], state["params"])
+    return {**state, **updates, "params": optax.apply_updates(state["params"], upd),
+            "opt": opt_state}
+
+  return apply_if(ok, update, state), loss, {**metrics, "skipped": skipped(ok)}
 
 
-def jit_step(train_step: Callable, *static) -> Callable:
-  """`train_step(*static, state, x, y)` jitted with `state` donated: `(state, x, y) -> (state, metrics)`."""
-  return jax.jit(partial(train_step, *static), donate_argnums=0)
+def jit_step(train_step: Callable, model, *static) -> Callable:
+  """`train_step(model, *static, state, x, y)` as `step(state, x, y) -> (state, metrics)`:
+  `step` checks the batch (`check_batch`, values included: one small host sync per call)
+  and runs `step.jitted`, the step jitted with `state` donated. Call `step.jitted` to skip
+  the checks (and the sync) on batches already known to be good."""
+  jitted = jax.jit(partial(train_step, model, *static), donate_argnums=0)
+
+  def step(state: State, x: jax.Array, y: jax.Array) -> tuple[State, Metrics]:
+    check_batch(model, x, y)  # before the call, which would donate (invalidate) `state`
+    return jitted(state, x, y)
+
+  step.jitted = jitted
+  return step
 
 
 # ----------------------------------------------------------------------------- stacked blocks

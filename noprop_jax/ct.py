@@ -106,6 +106,8 @@ def loss(model: Model, params: dict, x: jax.Array, y: jax.Array, key: jax.Array,
   with z_t ~ N(sqrt(alpha_bar(t)) u_y, (1 - alpha_bar(t)) I) and
   u_hat = softmax(block(x, z_t, t)) @ W_embed.
   """
+  core.check_batch(model, x, y)
+  x = core.to_float(x)
   k_t, k_eps, k_1, k_drop = jax.random.split(key, 4)
   W = core.embedding_matrix(params, model.num_classes)
   u = W[y]
@@ -129,18 +131,24 @@ def loss(model: Model, params: dict, x: jax.Array, y: jax.Array, key: jax.Array,
 
 def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
                y: jax.Array) -> tuple[State, Metrics]:
-  """One Adam step of the block, head, embedding and schedule on one batch."""
+  """One Adam step of the block, head, embedding and schedule on one batch (dropped whole
+  where `core.update_ok` fails: metrics['skipped'])."""
+  core.check_batch(model, x, y)
+
   def objective(params, state, x, y, key):
     value, metrics = loss(model, params, x, y, key, compute.precision)
     return value, (metrics, {})
 
-  state, value, m = core.gradient_step(objective, optimizer(optim), state, x, y)
+  state, value, m = core.gradient_step(objective, optimizer(optim), state, x, y,
+                                        model.num_classes)
   sched = state["params"]["schedule"]  # the endpoints the step leaves
   return state, {"loss": value, **m, "gamma_0": sched["gamma_0"], "gamma_1": sched["gamma_1"]}
 
 
 def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Compute()):
-  """Jitted `(state, x, y) -> (state, metrics)`; donates `state`."""
+  """`step(state, x, y) -> (state, metrics)`: checks the batch (shapes, dtypes and values:
+  one small host sync per call) and runs `step.jitted`, the jitted `train_step` that donates
+  `state`. Call `step.jitted` to skip the checks and the sync."""
   return core.jit_step(train_step, model, optim, compute.resolve(1))
 
 
@@ -219,6 +227,7 @@ def _predict(model, state, x, key, mode, steps):
 def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: jax.Array,
                 key: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
   """(correct on the mean path, [runs] correct when sampling) on one batch."""
+  core.check_batch(model, x, y, padding=True)
   h = features(model, state, x)
   k0, k1 = jax.random.split(key)
   scores = partial(class_scores, model, state)

@@ -2,7 +2,7 @@
 
   model = dt.Model(block, input_shape=(64,), num_classes=10)   # any (x, z) -> logits block
   state = dt.init(model, jax.random.key(0))
-  step = dt.make_train_step(model)                             # jitted, donates the state
+  step = dt.make_train_step(model)                             # checks the batch, jitted
   state, metrics = step(state, x, y)
   logits = dt.predict(model, state, x_test)
 
@@ -146,6 +146,7 @@ def loss(model: Model, blocks: dict, shared: dict, x: jax.Array, y: jax.Array,
   (what `train_step` applies) is this function's gradient taken block by block, with
   key = `core.step_key(state)` (tests check that they agree).
   """
+  core.check_batch(model, x, y)
   k_blocks, k_head = jax.random.split(key)
   _, (ce, kl) = head_terms(model, shared, y, k_head)
   W = core.embedding_matrix(shared, model.num_classes)
@@ -206,6 +207,7 @@ def gradients(model: Model, compute: Compute, state: State, x: jax.Array,
   head terms' plus every block's to the embedding; aux: 'block_loss' (each block's weighted
   term), 'block_mse', 'block_accuracy', 'updates' (the blocks' new BatchNorm statistics),
   'head_loss' (CE + KL), 'ce', 'kl')."""
+  core.check_batch(model, x, y)
   x = core.to_float(x)
   k_blocks, k_head = jax.random.split(core.step_key(state))
   one = _block_grad(model, state["shared"], x, y, k_blocks, compute.precision, model.T)
@@ -222,39 +224,57 @@ def gradients(model: Model, compute: Compute, state: State, x: jax.Array,
 def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
                y: jax.Array) -> tuple[State, Metrics]:
   """One optimizer step of all T blocks and the head/embedding on one batch: `gradients`
-  applied, each block by its own AdamW (own clipping norm, moments and count)."""
-  g_blocks, g_shared, aux = gradients(model, compute, state, x, y)
-  shared, opt_shared = _apply_shared(optim, state, g_shared)
-  params = state["blocks"]["params"]
-  upd, opt_blocks = jax.vmap(core.adamw(optim).update)(g_blocks, state["opt_blocks"], params)
-  blocks = {**state["blocks"], **aux["updates"], "params": optax.apply_updates(params, upd)}
-  new_state = {**state, "step": state["step"] + 1, "blocks": blocks, "shared": shared,
-               "opt_blocks": opt_blocks, "opt_shared": opt_shared}
-  return new_state, {"loss": aux["block_loss"].sum() + aux["head_loss"],
-                     **{k: aux[k] for k in ("block_loss", "block_mse", "block_accuracy", "ce", "kl")}}
+  applied, each block by its own AdamW (own clipping norm, moments and count). The update
+  is dropped whole where `core.update_ok` fails (metrics['skipped'] = 1); the step count
+  advances either way."""
+  g_blocks, g_shared, aux = gradients(model, compute, state, x, y)  # checks the batch
+  value = aux["block_loss"].sum() + aux["head_loss"]
+  ok = core.update_ok(value, (g_blocks, g_shared, aux["updates"]), y, model.num_classes)
+
+  def update(state):
+    shared, opt_shared = _apply_shared(optim, state, g_shared)
+    params = state["blocks"]["params"]
+    upd, opt_blocks = jax.vmap(core.adamw(optim).update)(g_blocks, state["opt_blocks"], params)
+    blocks = {**state["blocks"], **aux["updates"], "params": optax.apply_updates(params, upd)}
+    return {**state, "blocks": blocks, "shared": shared, "opt_blocks": opt_blocks,
+            "opt_shared": opt_shared}
+
+  metrics = {k: aux[k] for k in ("block_loss", "block_mse", "block_accuracy", "ce", "kl")}
+  return core.apply_if(ok, update, state), {"loss": value, "skipped": core.skipped(ok), **metrics}
 
 
 def sequential_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
                     y: jax.Array, block: jax.Array) -> tuple[State, Metrics]:
   """Algorithm 1's step: update block `block` (0-based, may be traced) and the head/embedding,
-  on Eq. 8 with E_t estimated by that one block."""
+  on Eq. 8 with E_t estimated by that one block; dropped whole, as `train_step`'s, where
+  `core.update_ok` fails."""
+  core.check_batch(model, x, y)
+  if not isinstance(block, jax.core.Tracer) and not 0 <= int(block) < model.T:
+    raise ValueError(f"block must be in [0, {model.T}) (0-based), got {int(block)}")
   x = core.to_float(x)
   k_blocks, k_head = jax.random.split(core.step_key(state))
   one = _block_grad(model, state["shared"], x, y, k_blocks, compute.precision, 1)
   variables, o = core.take(state["blocks"], block), core.take(state["opt_blocks"], block)
   val, err, updates, acc, g_p, g_from_block = one((variables, block + 1))
   loss_h, mh, g_head = _head_grad(model, state["shared"], y, k_head)
-  shared, opt_shared = _apply_shared(optim, state, jax.tree.map(jnp.add, g_from_block, g_head))
-  upd, new_o = core.adamw(optim).update(g_p, o, variables["params"])
-  new = {**variables, **updates, "params": optax.apply_updates(variables["params"], upd)}
-  new_state = {**state, "step": state["step"] + 1, "blocks": core.put(state["blocks"], block, new),
-               "shared": shared, "opt_blocks": core.put(state["opt_blocks"], block, new_o),
-               "opt_shared": opt_shared}
-  return new_state, {"loss": val + loss_h, "block_mse": err, "block_accuracy": acc, **mh}
+  g_shared = jax.tree.map(jnp.add, g_from_block, g_head)
+  ok = core.update_ok(val + loss_h, (g_p, g_shared, updates), y, model.num_classes)
+
+  def update(state):
+    shared, opt_shared = _apply_shared(optim, state, g_shared)
+    upd, new_o = core.adamw(optim).update(g_p, o, variables["params"])
+    new = {**variables, **updates, "params": optax.apply_updates(variables["params"], upd)}
+    return {**state, "blocks": core.put(state["blocks"], block, new), "shared": shared,
+            "opt_blocks": core.put(state["opt_blocks"], block, new_o), "opt_shared": opt_shared}
+
+  return core.apply_if(ok, update, state), {"loss": val + loss_h, "block_mse": err,
+                                            "block_accuracy": acc, **mh, "skipped": core.skipped(ok)}
 
 
 def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Compute()):
-  """Jitted `(state, x, y) -> (state, metrics)` updating all blocks; donates `state`."""
+  """`step(state, x, y) -> (state, metrics)` updating all blocks: checks the batch (shapes,
+  dtypes and values: one small host sync per call) and runs `step.jitted`, the jitted
+  `train_step` that donates `state`. Call `step.jitted` to skip the checks and the sync."""
   return core.jit_step(train_step, model, optim, compute.resolve(model.T))
 
 
@@ -317,6 +337,7 @@ def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: j
                 key: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
   """(correct with the mean path, [runs] correct with sampling) on one batch; each block's
   `features` run once, for all paths. Labels -1 (padding) never count."""
+  core.check_batch(model, x, y, padding=True)
   compute = _inference_compute(model, compute)
   feats = features(model, compute, state, x)
   shape = (model.T, y.shape[0], model.dim)

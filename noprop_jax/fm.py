@@ -89,6 +89,8 @@ def loss(model: Model, params: dict, x: jax.Array, y: jax.Array, key: jax.Array,
   plus, with a learned embedding, the anchor -log p(y | z_1_hat) on the one-step
   estimate z_1_hat = z_t + (1 - t) v (Eq. 13).
   """
+  core.check_batch(model, x, y)
+  x = core.to_float(x)
   k_t, k_0, k_eps, k_drop = jax.random.split(key, 4)
   W = core.embedding_matrix(params, model.num_classes)
   u = W[y]
@@ -109,18 +111,23 @@ def loss(model: Model, params: dict, x: jax.Array, y: jax.Array, key: jax.Array,
 
 def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
                y: jax.Array) -> tuple[State, Metrics]:
-  """One Adam step of the block (and the embedding and head) on one batch."""
+  """One Adam step of the block (and the embedding and head) on one batch (dropped whole
+  where `core.update_ok` fails: metrics['skipped'])."""
+  core.check_batch(model, x, y)
 
   def objective(params, state, x, y, key):
     value, metrics = loss(model, params, x, y, key, compute.precision)
     return value, (metrics, {})
 
-  state, value, m = core.gradient_step(objective, optimizer(optim), state, x, y)
+  state, value, m = core.gradient_step(objective, optimizer(optim), state, x, y,
+                                        model.num_classes)
   return state, {"loss": value, **m}
 
 
 def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Compute()):
-  """Jitted `(state, x, y) -> (state, metrics)`; donates `state`."""
+  """`step(state, x, y) -> (state, metrics)`: checks the batch (shapes, dtypes and values:
+  one small host sync per call) and runs `step.jitted`, the jitted `train_step` that donates
+  `state`. Call `step.jitted` to skip the checks and the sync."""
   return core.jit_step(train_step, model, optim, compute.resolve(1))
 
 
@@ -164,6 +171,7 @@ def _predict(model, state, x, key, mode, steps):
 def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: jax.Array,
                 key: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
   """(correct on the mean path, [runs] correct when sampling) on one batch."""
+  core.check_batch(model, x, y, padding=True)
   return core.eval_paths(lambda h, z: integrate(model, state, h, z),
                          partial(class_scores, model, state), features(model, state, x), y,
                          key, runs, model.dim)
