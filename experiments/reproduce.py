@@ -40,6 +40,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from noprop_jax import data
+from noprop_jax import workdir as run_files
 from noprop_jax.config import RunConfig, method_settings
 
 # ----------------------------------------------------------------------------- rows
@@ -258,7 +259,7 @@ def read_runs(out_dir: str | Path) -> dict[str, list[Run]]:
   runs: dict[str, list[Run]] = {}
   for cfg_path in sorted(Path(out_dir).glob("runs/*/*/config.json")):
     d = cfg_path.parent
-    cfg = flat_config(json.loads(cfg_path.read_text()))
+    cfg = flat_config(run_files.read_config(cfg_path)[0])
     summ = d / "summary.json"
     mpath = d / "metrics.jsonl"
     metrics = [json.loads(l) for l in mpath.read_text().splitlines() if l.strip()] if mpath.exists() else []

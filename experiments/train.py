@@ -19,11 +19,27 @@ from noprop_jax import config
 CLI_ONLY = ("workdir", "checkpoint_every", "no_progress", "distributed", "flag_table")
 
 
+def positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
+class Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, like every other error here (argparse adds its usage)
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   config.add_flags(p)
   p.add_argument("--workdir", default="runs/default", help="checkpoints, metrics.jsonl, summary.json")
-  p.add_argument("--checkpoint-every", type=int, default=200, help="also checkpoint every N steps mid-epoch")
+  p.add_argument("--checkpoint-every", type=positive_int, default=200, help="also checkpoint every N steps mid-epoch")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--distributed", action="store_true", help="multi-host: call "
                  "jax.distributed.initialize() first; run the same command on every host, with "
@@ -33,7 +49,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  args = parser().parse_args(argv)
+  try:
+    args = parser().parse_args(argv)
+  except SystemExit as e:  # --help, or a malformed flag (already reported)
+    return e.code
   if args.flag_table:
     print(config.flag_table())
     return 0
@@ -46,15 +65,19 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  from noprop_jax.checkpoint import ConfigMismatchError
   from noprop_jax.data import DataError
   from noprop_jax.trainer import NonFiniteLossError, train
+  from noprop_jax.workdir import WorkdirError
 
   try:
     s = train(cfg, args.workdir, checkpoint_every=args.checkpoint_every,
               progress=not args.no_progress)
-  except (FileNotFoundError, DataError, ConfigMismatchError, NonFiniteLossError, ValueError) as e:
+  except (FileNotFoundError, DataError, WorkdirError, NonFiniteLossError, ValueError,
+          MemoryError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:  # the disk: full, gone, read-only (the workdir's own checks come first)
+    print(f"error: {e.strerror or e} ({e.filename or args.workdir})", file=sys.stderr)
     return 1
   print(f"test accuracy {s['test_accuracy']:.4f} ({s['inference']}; mean path "
         f"{s['test_accuracy_mean_path']:.4f}, stochastic {s['test_accuracy_stochastic']:.4f} "

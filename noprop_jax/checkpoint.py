@@ -1,62 +1,32 @@
-"""Orbax checkpoints of the training state, plus the workdir's config guard."""
+"""Orbax checkpoints of the training state, and falling back past a damaged one."""
 
-import json
+import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
-# Settings that change how a step executes, not what it computes (or, for
-# epochs, only how long training goes on): a workdir may be resumed with others.
-RESUMABLE_CHANGES = ("epochs", "formulation", "conv_impl", "blocks_per_step", "mesh",
-                     "precision", "inference_runs", "inference_steps", "ct_sampler", "eval_every")
-
-
-class ConfigMismatchError(RuntimeError):
-  pass
-
-
-def _flat(config: dict[str, Any]) -> dict[str, Any]:
-  """{'train': {'lr': ...}, 'method': 'dt'} -> {'lr': ..., 'method': 'dt'} (names are unique)."""
-  return {k2: v2 for k, v in config.items()
-          for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
-
-
-def guard_config(workdir: Path, config: dict[str, Any]) -> None:
-  """Write workdir/config.json, or refuse if it holds a different run's config (settings
-  compared by name, whatever their concern)."""
-  path = workdir / "config.json"
-  if path.exists():
-    try:
-      saved = _flat(json.loads(path.read_text()))
-    except (json.JSONDecodeError, AttributeError) as e:
-      raise ConfigMismatchError(f"{path} is corrupt ({e}); use a fresh --workdir") from None
-    now = _flat(config)
-    # The adjoint trains with its solver steps: for it, inference_steps is not inference-only.
-    resumable = [k for k in RESUMABLE_CHANGES
-                 if not (k == "inference_steps" and now.get("method") == "adjoint")]
-    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k not in resumable}
-    diff.update({k: (v, None) for k, v in saved.items() if k not in now})
-    if diff:
-      lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
-      raise ConfigMismatchError(
-          f"{workdir} holds a run with a different config:\n{lines}\n"
-          f"Use another --workdir, or rerun with the saved settings to resume "
-          f"(only {', '.join(RESUMABLE_CHANGES)} may change).")
-  path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+from noprop_jax.workdir import WorkdirError
 
 
 class Checkpointer:
   """Keeps the last two checkpoints of (state, meta) under workdir/checkpoints."""
 
   def __init__(self, workdir: Path):
+    self.workdir = Path(workdir)
+    self.dir = (self.workdir / "checkpoints").absolute()
     self.manager = ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+        self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
   def latest_step(self) -> int | None:
     """The last checkpoint written completely (a save in flight does not count)."""
+    return self.manager.latest_step()
+
+  def finished_step(self) -> int | None:
+    """The last checkpoint, once every save in flight has completed."""
+    self.manager.wait_until_finished()
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
@@ -80,6 +50,41 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
+
+  def restore_latest(self, like: Callable[[dict[str, Any]], Any] | Any,
+                     warn: Callable[[str], None], set_aside: bool = True):
+    """(step, state, meta) of the newest checkpoint that restores, or None if there is none.
+
+    `like` is a template state, or a function of the checkpoint's meta giving one. A
+    checkpoint that fails to restore (a truncated or corrupt file) is skipped with a
+    warning and, with `set_aside`, moved to workdir/damaged-checkpoints/ (kept, not
+    deleted) so that training can write that step again.
+    """
+    self.manager.wait_until_finished()
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        meta = self.meta(step)
+        state, meta = self.restore(step, like(meta) if callable(like) else like)
+        return step, state, meta
+      except Exception as e:  # orbax and tensorstore raise many kinds for a damaged file
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        moved = self._set_aside(step) if set_aside else None
+        warn(f"warning: checkpoint at step {step} in {self.dir} cannot be restored ({reason})"
+             + (f"; moved it to {moved}" if moved else "") + "; trying an earlier one")
+    if steps:
+      raise WorkdirError(f"no checkpoint in {self.dir} can be restored (steps {steps}, all "
+                         "damaged" + (f", moved to {self.workdir / 'damaged-checkpoints'})"
+                                      if set_aside else ")")
+                         + "; rerun to train again from step 0, or use another --workdir")
+    return None
+
+  def _set_aside(self, step: int) -> Path:
+    dest = self.workdir / "damaged-checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.parent.mkdir(exist_ok=True)
+    shutil.move(str(self.dir / str(step)), dest)
+    self.manager.reload()
+    return dest
 
   def close(self) -> None:
     self.manager.wait_until_finished()

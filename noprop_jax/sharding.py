@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding
 
 from noprop_jax.config import parse_mesh
 
@@ -53,6 +53,28 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """`tree` (host values or arrays, the same on every process) placed as `shardings` (one
+  Sharding for every leaf, a tree of them, or None: the default device) say.
+
+  On one host this is jax.device_put. A mesh that spans other hosts' devices takes more:
+  there device_put first compares each value across hosts (a gather of it: the whole
+  dataset) and refuses arrays committed to a device, as restored checkpoints are. Here
+  every process builds its own devices' shards from its copy instead."""
+  if shardings is None:
+    return jax.device_put(tree)
+  if isinstance(shardings, Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def one(x, s: Sharding):
+    if s.is_fully_addressable:
+      return jax.device_put(x, s)
+    x = jax.device_get(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+  return jax.tree.map(one, tree, shardings)
 
 
 def constrain(tree: Any, shardings: Any) -> Any:

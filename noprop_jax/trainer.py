@@ -7,9 +7,10 @@ comes from the method's module (`config.METHODS`): its Model, steps, evaluation 
 banner.
 """
 
+import contextlib
 import dataclasses
-import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,8 @@ from jax import lax
 from tqdm.auto import tqdm
 
 from noprop_jax import blocks, core, sharding
-from noprop_jax.checkpoint import Checkpointer, guard_config
+from noprop_jax import workdir as wd
+from noprop_jax.checkpoint import Checkpointer
 from noprop_jax.config import METHODS, RunConfig
 from noprop_jax.data import Dataset, load
 from noprop_jax.prototypes import prototype_embedding
@@ -87,6 +89,9 @@ def make_epoch_step(cfg: RunConfig, model, compute: core.Compute, n_train: int) 
       state, m = method.train_step(model, optim, compute, state, x, y)
     if mesh is not None:
       state = sharding.constrain(state, sharding.state_shardings(method.STACKED, mesh, state))
+      # The few metric values on every device: each host reads them (to log, to check the
+      # loss), and a host can only read what its own devices hold.
+      m = sharding.constrain(m, sharding.replicated(mesh))
     return state, m
 
   return jax.jit(step, donate_argnums=0)
@@ -104,7 +109,8 @@ def fit_blocks_per_step(cfg: RunConfig, num_classes: int, n_train: int, state, i
   model = lambda c: build_model(cfg, inputs.shape[1:], num_classes, c)
   auto = (METHODS[cfg.method].STACKED and cfg.train.training == "parallel"
           and not cfg.train.blocks_per_step)
-  limit = limit_bytes or (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  # A device of this process: another host's devices report nothing here (an error).
+  limit = limit_bytes or (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
   if not auto or not limit:
     return compute, model(compute), make_epoch_step(cfg, model(compute), compute, n_train)
   candidates = [k for k in range(cfg.T, 0, -1)
@@ -131,6 +137,7 @@ def make_evaluator(cfg: RunConfig, model, compute: core.Compute, n: int, runs: i
   batch = min(batch, n)
   nb = math.ceil(n / batch)
   counts = METHODS[cfg.method].eval_counts
+  mesh = sharding.make_mesh(cfg.train.mesh)
 
   def evaluate(state, inputs, labels, key):
     pad = nb * batch - n
@@ -138,7 +145,9 @@ def make_evaluator(cfg: RunConfig, model, compute: core.Compute, n: int, runs: i
     ys = jnp.pad(labels, (0, pad), constant_values=-1).reshape(nb, batch)
     one = lambda a: counts(model, compute, state, *a, runs)
     c_mean, c_stoch = lax.map(one, (xs, ys, jax.random.split(key, nb)))
-    return c_mean.sum() / n, c_stoch.sum(0) / n
+    out = c_mean.sum() / n, c_stoch.sum(0) / n
+    # On every device, so that every host can read them (as the step's metrics).
+    return out if mesh is None else sharding.constrain(out, sharding.replicated(mesh))
 
   return jax.jit(evaluate)
 
@@ -163,8 +172,10 @@ class Run:
   meta: dict
 
 
-def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn) -> tuple[Run, Any]:
-  """Check the data, build the model, restore or initialise the state, compile the step."""
+def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn,
+          primary: bool = True) -> tuple[Run, Any]:
+  """Check the data, build the model, restore (the newest intact checkpoint) or initialise
+  the state, compile the step."""
   tr, method = cfg.train, METHODS[cfg.method]
   for split in (ds.train, ds.test):
     if split.images.shape[1:] != ds.train.images.shape[1:]:
@@ -177,26 +188,29 @@ def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn) -> tuple[Run, An
   mesh = sharding.make_mesh(tr.mesh)
   on = sharding.replicated(mesh) if mesh is not None else None  # whole splits on every device
   sub = np.random.RandomState(tr.seed).permutation(n_train)[:TRAIN_EVAL_SIZE]
-  arrays = {k: (jax.device_put(s.images, on), jax.device_put(s.labels, on)) for k, s in
+  arrays = {k: sharding.place((s.images, s.labels), on) for k, s in
             (("train", ds.train), ("test", ds.test))}
-  arrays["sub"] = (jax.device_put(ds.train.images[sub], on), jax.device_put(ds.train.labels[sub], on))
+  arrays["sub"] = sharding.place((ds.train.images[sub], ds.train.labels[sub]), on)
 
   ckpt = Checkpointer(workdir)
-  ckpt_step = ckpt.latest_step()
   model = build_model(cfg, ds.train.images.shape[1:], ds.num_classes, resolve_compute(cfg))
+  # On a mesh, the state is placed first and a checkpoint restored into its shardings:
+  # each host then reads just its own devices' shards.
+  place = lambda s: s if mesh is None else sharding.place(
+      s, sharding.state_shardings(method.STACKED, mesh, s))
   with jax.transfer_guard("allow"):  # setup builds the state from host values; the loop won't
-    # A resumed run restores its embedding: prototypes are computed for a fresh one only.
-    fresh = (ds.train.images, ds.train.labels) if ckpt_step is None else ()
-    state = init_state(cfg, model, jax.random.key(tr.seed), *fresh)
+    key = jax.random.key(tr.seed)
+    found = (ckpt.restore_latest(place(init_state(cfg, model, key)), print_fn, set_aside=primary)
+             if ckpt.latest_step() is not None else None)
+    if found is None:  # prototypes come from the data for a fresh run; a resumed one restores its own
+      state = place(init_state(cfg, model, key, ds.train.images, ds.train.labels))
   meta = {"step": 0, "train_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
-  if ckpt_step is not None:
-    state, meta = ckpt.restore(ckpt_step, state)
+  if found is not None:
+    ckpt_step, state, meta = found
     if mesh is None:  # orbax commits the arrays to a device, which would compile other
       state = jax.device_put(jax.device_get(state))  # programs than a fresh state's
     print_fn(f"resuming from checkpoint at step {ckpt_step} (epoch {ckpt_step // per_epoch + 1}, "
              f"{ckpt_step % per_epoch}/{per_epoch} steps into it)")
-  if mesh is not None:
-    state = jax.device_put(state, sharding.state_shardings(method.STACKED, mesh, state))
   compute, model, step_fn = fit_blocks_per_step(cfg, ds.num_classes, n_train, state,
                                                 *arrays["train"])
   run = Run(cfg, ds, model, compute, step_fn,
@@ -218,23 +232,41 @@ def _data_meta(run: Run) -> dict[str, Any]:
   return {"input_shape": list(run.model.input_shape), "num_classes": run.model.num_classes}
 
 
-def _check_finite(value: float, step: int, ckpt_step: int | None, workdir: Path) -> None:
-  if not math.isfinite(value):
-    where = (f"the last good checkpoint (step {ckpt_step}) in {workdir / 'checkpoints'} is "
-             "intact" if ckpt_step is not None else "no checkpoint had been written yet")
-    raise NonFiniteLossError(f"non-finite training loss ({value}) at step {step}; stopped "
-                             f"without saving: {where}. Try a lower --lr or --grad-clip.")
+_all_finite = jax.jit(core.all_finite)
 
 
-def run_epoch(run: Run, state, epoch: int, workdir: Path, checkpoint_every: int, log_every: int,
+def _check_health(run: Run, loss, skipped, step: int, state=None) -> None:
+  """Stop, naming the last good checkpoint, if the loss so far is non-finite, an update
+  was refused as non-finite, or (when given) the state is not all finite. Every
+  checkpoint is written only after this check, so every checkpoint is finite."""
+  loss, skipped, ok = jax.device_get((loss, skipped, True if state is None else _all_finite(state)))
+  if math.isfinite(float(loss)) and float(skipped) == 0 and bool(ok):
+    return
+  what = ("a non-finite training loss" if not math.isfinite(float(loss)) else
+          f"{int(skipped)} non-finite update(s) (refused)" if float(skipped) else
+          "non-finite parameters")
+  last = run.ckpt.finished_step()
+  tr = run.cfg.train
+  where = (f"the last good checkpoint is step {last} in {run.ckpt.dir} (every checkpoint is "
+           "checked finite before it is written)" if last is not None
+           else "no checkpoint had been written yet")
+  raise NonFiniteLossError(
+      f"training diverged: {what} by step {step}; stopped without saving: {where}. Rerun the "
+      f"same command with a lower learning rate (e.g. --lr {tr.lr / 10:g}) or a smaller "
+      f"--grad-clip to {'resume from it' if last is not None else 'start again'}: the optimizer "
+      "settings may change on resume, and the change is recorded in config.json")
+
+
+def run_epoch(run: Run, state, epoch: int, checkpoint_every: int, log_every: int,
               progress: bool, stop_at_step: int | None, train_seconds: float):
   """Train one epoch (or its rest, when resuming). Returns (state, last metrics, mean loss,
   seconds), or None when `stop_at_step` (a simulated kill, for tests) is reached."""
   first = max(run.start, epoch * run.per_epoch)
   resumed = first == run.start
   # An explicit transfer (jnp.float32 would be an implicit one), placed like the data.
-  loss_sum = jax.device_put(np.float32(run.meta["loss_sum"] if resumed else 0.0),
-                            run.arrays["train"][1].sharding)
+  on = run.arrays["train"][1].sharding
+  loss_sum = sharding.place(np.float32(run.meta["loss_sum"] if resumed else 0.0), on)
+  skipped = sharding.place(np.float32(0.0), on)  # updates refused as non-finite (every checkpoint has none)
   count = int(run.meta["loss_count"]) if resumed else 0
   bar = tqdm(range(first, (epoch + 1) * run.per_epoch), initial=first - epoch * run.per_epoch,
              total=run.per_epoch, desc=f"epoch {epoch + 1}/{run.cfg.train.epochs}",
@@ -243,20 +275,22 @@ def run_epoch(run: Run, state, epoch: int, workdir: Path, checkpoint_every: int,
   for step in bar:
     state, m = run.step_fn(state, *run.arrays["train"])
     loss_sum, count, done = loss_sum + m["loss"], count + 1, step + 1
+    skipped = skipped + m["skipped"]
     if done % log_every == 0:
       # Read the previous interval's metrics (copied meanwhile), start this one's copy:
       # the loop never waits on the device just to log.
       if pending is not None:
         host = jax.device_get(pending[1])
-        _check_finite(float(host["loss"]), pending[0], run.ckpt.latest_step(), workdir)
+        _check_health(run, host["loss_sum"], host["skipped"], pending[0])
         bar.set_postfix(loss=f"{float(host['loss']):.4g}",
                         acc=f"{float(np.mean(host['block_accuracy'])):.3f}")
-      pending = (done, {k: m[k] for k in ("loss", "block_accuracy")})
+      pending = (done, {"loss": m["loss"], "block_accuracy": m["block_accuracy"],
+                        "loss_sum": loss_sum, "skipped": skipped})
       for v in pending[1].values():
         v.copy_to_host_async()
     if done % checkpoint_every == 0 or done == stop_at_step:
-      # Never save (or stop) past a non-finite loss: check this step's, synchronously.
-      _check_finite(float(jax.device_get(m["loss"])), done, run.ckpt.latest_step(), workdir)
+      # Never save (or stop) past a non-finite loss or state: check them, synchronously.
+      _check_health(run, loss_sum, skipped, done, state)
     if done == stop_at_step:
       return None
     if done % checkpoint_every == 0 and done % run.per_epoch:
@@ -264,8 +298,8 @@ def run_epoch(run: Run, state, epoch: int, workdir: Path, checkpoint_every: int,
                                   "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count,
                                   **_data_meta(run)})
   bar.close()
+  _check_health(run, loss_sum, skipped, (epoch + 1) * run.per_epoch, state)  # train saves it next
   epoch_loss = float(jax.device_get(loss_sum)) / max(count, 1)
-  _check_finite(epoch_loss, (epoch + 1) * run.per_epoch, run.ckpt.latest_step(), workdir)
   return state, m, epoch_loss, time.perf_counter() - t0
 
 
@@ -287,12 +321,6 @@ def _host_metrics(tree) -> dict[str, Any]:
           for k, v in jax.device_get(tree).items()}
 
 
-def _keep_metrics(path: Path, epochs: int) -> None:
-  """Keep the first `epochs` epochs' lines of metrics.jsonl (a resumed run rewrites the rest)."""
-  lines = path.read_text().splitlines() if path.exists() else []
-  path.write_text("".join(l + "\n" for l in lines if l.strip() and json.loads(l)["epoch"] <= epochs))
-
-
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:
   """The printed line of a metrics.jsonl record."""
   accs = (f", train acc {r['train_accuracy']:.4f}, test acc {r['test_accuracy']:.4f} (mean path "
@@ -310,27 +338,54 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
   `dataset` overrides loading cfg.data. `stop_at_step` simulates an interruption (for
   tests): training stops right after that step, as a kill would, and returns None.
   """
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  for name, v in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+    if v < 1:
+      raise ValueError(f"{name} must be >= 1 (steps), got {v}")
+  workdir = wd.prepare(workdir)
   # On several hosts every process trains and checkpoints; only process 0 writes files.
   primary = jax.process_index() == 0
   print_fn = print_fn if primary else (lambda _: None)
-  guard_config(workdir, cfg.to_dict())
-  ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_dir, verify=cfg.data.verify)
-  run, state = setup(cfg, workdir, ds, print_fn)
-  tr = cfg.train
+  with wd.lock(workdir, print_fn) if primary else contextlib.nullcontext():
+    saved = wd.read(workdir)
+    if saved.config is not None:  # refuse another run's workdir before loading anything
+      wd.config_changes(workdir, saved.config, cfg.to_dict())
+    ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_dir, verify=cfg.data.verify)
+    run, state = setup(cfg, workdir, ds, print_fn, primary)
+    start_epoch = run.start // run.per_epoch
+    records = _kept_records(run, saved.records, workdir)
+    if primary:  # the run has started (data read, state built, step compiled): record it
+      wd.record_start(workdir, saved, cfg.to_dict(), run.start)
+      if len(records) < len(saved.records):  # epochs after the checkpoint run again
+        wd.write_records(workdir / "metrics.jsonl", records)
+    return _loop(run, state, workdir, records, start_epoch, checkpoint_every, log_every,
+                 progress, stop_at_step, print_fn, primary)
+
+
+def _kept_records(run: Run, records: list[dict], workdir: Path) -> list[dict]:
+  """metrics.jsonl's records up to the restored checkpoint; a WorkdirError if they are
+  not this run's (steps that do not fit its epochs)."""
+  for r in records:
+    if r["step"] != r["epoch"] * run.per_epoch:
+      raise wd.WorkdirError(
+          f"{workdir / 'metrics.jsonl'}: epoch {r['epoch']} ends at step {r['step']}, but this "
+          f"run's epochs are {run.per_epoch} steps: the file is not this run's; move it away "
+          "or use another --workdir")
+  return [r for r in records if r["epoch"] <= run.start // run.per_epoch]
+
+
+def _loop(run: Run, state, workdir: Path, records: list[dict], start_epoch: int,
+          checkpoint_every: int, log_every: int, progress: bool, stop_at_step: int | None,
+          print_fn, primary: bool) -> dict | None:
+  """The epochs from `start_epoch` on, then the summary."""
+  tr = run.cfg.train
   with jax.transfer_guard("allow"):
     eval_key = jax.random.fold_in(jax.random.key(tr.seed), 3)
     eval_keys = list(jax.random.split(eval_key, tr.epochs))  # one per epoch, on the device
     final_key = jax.random.fold_in(eval_key, 10**6)
-  metrics_path = workdir / "metrics.jsonl"
-  start_epoch = run.start // run.per_epoch
-  if primary:
-    _keep_metrics(metrics_path, start_epoch)
   train_seconds = float(run.meta["train_seconds"])
   try:
     for epoch in range(start_epoch, tr.epochs):
-      out = run_epoch(run, state, epoch, workdir, checkpoint_every, log_every, progress,
+      out = run_epoch(run, state, epoch, checkpoint_every, log_every, progress,
                       stop_at_step, train_seconds)
       if out is None:
         return None
@@ -338,33 +393,39 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
       train_seconds += seconds
       last = _host_metrics(m)  # the epoch's last step
       record = {"epoch": epoch + 1, "step": (epoch + 1) * run.per_epoch, "train_loss": epoch_loss,
-                "seconds": seconds, **{k: v for k, v in last.items() if k != "loss"}}
+                "seconds": seconds, **{k: v for k, v in last.items() if k not in ("loss", "skipped")}}
       evaluated = (epoch + 1) % tr.eval_every == 0 or epoch + 1 == tr.epochs
       if evaluated:
         e = evaluate(run, state, eval_keys[epoch])
         record.update({k: v for k, v in e.items() if k != "test_accuracy_stochastic_runs"})
+      records.append(record)
       if primary:
-        with metrics_path.open("a") as f:
-          f.write(json.dumps(record) + "\n")
+        wd.write_records(workdir / "metrics.jsonl", records)
       done = (epoch + 1) * run.per_epoch
       run.ckpt.save(done, state, {"step": done, "train_seconds": train_seconds, "loss_sum": 0.0,
                                   "loss_count": 0, **_data_meta(run)})
       print_fn(_epoch_line(record, tr.epochs))
   finally:
     run.ckpt.close()
-  summary = summarize(run, state, final_key, train_seconds)
+  final_step = max(run.start, tr.epochs * run.per_epoch)
+  if run.start > tr.epochs * run.per_epoch:
+    print_fn(f"the checkpoint is at step {run.start}, past --epochs {tr.epochs} "
+             f"({tr.epochs * run.per_epoch} steps): nothing to train; evaluating it as it is")
+  summary = summarize(run, state, final_key, train_seconds, final_step)
   if primary:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    wd.write_json(workdir / "summary.json", summary)
   return summary
 
 
-def summarize(run: Run, state, key, train_seconds: float) -> dict[str, Any]:
+def summarize(run: Run, state, key, train_seconds: float, step: int) -> dict[str, Any]:
+  """The final evaluation of the state at `step` (epochs: the steps it has trained, in epochs)."""
   e = evaluate(run, state, key, train_subset=False)
+  epochs = step / run.per_epoch
   return {**{k: v for k, v in e.items() if k != "eval_seconds"},
           "inference": run.cfg.train.inference,
           "params_per_block": METHODS[run.cfg.method].num_block_params(state),
-          "train_seconds": train_seconds, "epochs": run.cfg.train.epochs,
-          "steps": run.per_epoch * run.cfg.train.epochs, "n_train": len(run.ds.train.labels),
+          "train_seconds": train_seconds, "epochs": int(epochs) if epochs.is_integer() else epochs,
+          "steps": step, "n_train": len(run.ds.train.labels),
           "n_test": len(run.ds.test.labels), "input_shape": list(run.model.input_shape),
           "num_classes": run.model.num_classes, "data_source": run.ds.source,
           "backend": jax.default_backend(), "compute": dataclasses.asdict(run.compute),
@@ -373,20 +434,30 @@ def summarize(run: Run, state, key, train_seconds: float) -> dict[str, Any]:
 
 
 def load_run(workdir: str | Path, step: int | None = None):
-  """(config, model, state, step) of a training run's checkpoint (the latest by default)."""
+  """(config, model, state, step) of a training run's checkpoint: `step`'s, or the newest
+  that restores (a damaged one is skipped with a warning)."""
   workdir = Path(workdir)
   path = workdir / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {workdir} is not a training run's workdir")
-  cfg = RunConfig.from_dict(json.loads(path.read_text()))
+  cfg = RunConfig.from_dict(wd.read_config(path)[0])
+
+  def like(meta):
+    model = build_model(cfg, tuple(meta["input_shape"]), meta["num_classes"], resolve_compute(cfg))
+    return model, init_state(cfg, model, jax.random.key(0))
+
   ckpt = Checkpointer(workdir)
   try:
-    step = ckpt.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    meta = ckpt.meta(step)
-    model = build_model(cfg, tuple(meta["input_shape"]), meta["num_classes"], resolve_compute(cfg))
-    state, _ = ckpt.restore(step, init_state(cfg, model, jax.random.key(0)))
+      found = ckpt.restore_latest(lambda meta: like(meta)[1], lambda m: print(m, file=sys.stderr),
+                                  set_aside=False)
+      if found is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+      step, state, meta = found
+    else:
+      meta = ckpt.meta(step)
+      state, _ = ckpt.restore(step, like(meta)[1])
+    model = like(meta)[0]
   finally:
     ckpt.close()
   return cfg, model, state, step

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from noprop_jax import adjoint, backprop, blocks, core, dt, prototypes, solvers, trainer
-from noprop_jax.checkpoint import ConfigMismatchError, guard_config
+from noprop_jax.workdir import ConfigMismatchError, config_changes
 from noprop_jax.config import RunConfig
 from noprop_jax.data import load_digits
 
@@ -257,15 +257,12 @@ def test_radial_probabilities_match_eq_15_16_and_sum_to_one():
 
 def test_adjoint_solver_steps_are_not_a_resumable_change(tmp_path):
   for method, resumable in (("ct", True), ("adjoint", False)):
-    workdir = tmp_path / method
-    workdir.mkdir()
     cfg = RunConfig.create(method).to_dict()
-    guard_config(workdir, cfg)
     # An omitted setting equals its explicit default.
-    guard_config(workdir, RunConfig.create(method, inference_steps=1000).to_dict())
+    assert config_changes(tmp_path, cfg, RunConfig.create(method, inference_steps=1000).to_dict()) == {}
     changed = RunConfig.create(method, inference_steps=100).to_dict()  # CT: inference only
     if resumable:
-      guard_config(workdir, changed)
+      assert config_changes(tmp_path, cfg, changed) == {"inference_steps": [1000, 100]}
     else:  # the adjoint trains with its solver steps
       with pytest.raises(ConfigMismatchError, match="inference_steps: saved 1000, now 100"):
-        guard_config(workdir, changed)
+        config_changes(tmp_path, cfg, changed)
