@@ -11,4 +11,4 @@ from noprop_jax.core import Compute, Optim
 
 __all__ = ["Compute", "Optim", "adjoint", "backprop", "blocks", "core", "ct", "data", "dt", "fm",
            "schedule", "solvers"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -182,7 +182,10 @@ def record_start(workdir: Path, saved: Saved, config: dict[str, Any], step: int)
     return
   history = saved.history + ([{"step": step, "time": _now(), "changed": changed}]
                              if changed else [])
-  write_json(workdir / "config.json", {"format": FORMAT, "config": config, "history": history})
+  from noprop_jax import __version__  # the package's, once it has loaded
+
+  write_json(workdir / "config.json", {"format": FORMAT, "version": __version__,
+                                       "config": config, "history": history})
 
 
 def _now() -> str:
