@@ -29,13 +29,15 @@ class Checkpointer:
     self.manager.wait_until_finished()
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Starts an asynchronous save of a private copy of `state` and returns.
+  def save(self, step: int, state: Any, meta: dict[str, Any], copy: bool = True) -> None:
+    """Starts an asynchronous save of a private copy of `state` and returns (`copy=False`:
+    `state` is one already, which nothing else will touch).
 
     The copy matters: training donates `state` to the next step, which may
     overwrite its buffers while orbax is still writing them.
     """
-    state = jax.tree.map(lambda a: a.copy(), state)
+    if copy:
+      state = jax.tree.map(lambda a: a.copy(), state)
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
 

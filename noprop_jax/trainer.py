@@ -170,6 +170,7 @@ class Run:
   ckpt: Checkpointer
   start: int
   meta: dict
+  held: tuple | None = None  # (step, state copy, meta) waiting to be checkpointed (`_hold`)
 
 
 def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn,
@@ -247,14 +248,30 @@ def _check_health(run: Run, loss, skipped, step: int, state=None) -> None:
           "non-finite parameters")
   last = run.ckpt.finished_step()
   tr = run.cfg.train
-  where = (f"the last good checkpoint is step {last} in {run.ckpt.dir} (every checkpoint is "
-           "checked finite before it is written)" if last is not None
+  where = (f"the last good checkpoint is step {last} in {run.ckpt.dir} (a checkpoint is "
+           "written only once its state and the next step's loss on it are finite)" if last is not None
            else "no checkpoint had been written yet")
   raise NonFiniteLossError(
       f"training diverged: {what} by step {step}; stopped without saving: {where}. Rerun the "
       f"same command with a lower learning rate (e.g. --lr {tr.lr / 10:g}) or a smaller "
       f"--grad-clip to {'resume from it' if last is not None else 'start again'}: the optimizer "
       "settings may change on resume, and the change is recorded in config.json")
+
+
+def _hold(run: Run, step: int, state, meta: dict[str, Any]) -> None:
+  """Keep a copy of the (checked) state at `step`, to checkpoint once the next step's loss
+  on it is finite: a finite state can still be one that training diverges from at once
+  (parameters blown up by a too-large step), and resuming from it would diverge again."""
+  run.held = (step, jax.tree.map(lambda a: a.copy(), state), {**meta, **_data_meta(run)})
+
+
+def _release(run: Run, loss, skipped, step: int) -> None:
+  """Checkpoint the held state, now that `loss` (the step after it) is known finite; a
+  NonFiniteLossError instead, dropping it."""
+  if run.held is not None:
+    held, run.held = run.held, None
+    _check_health(run, loss, skipped, step)
+    run.ckpt.save(*held, copy=False)
 
 
 def run_epoch(run: Run, state, epoch: int, checkpoint_every: int, log_every: int,
@@ -276,6 +293,7 @@ def run_epoch(run: Run, state, epoch: int, checkpoint_every: int, log_every: int
     state, m = run.step_fn(state, *run.arrays["train"])
     loss_sum, count, done = loss_sum + m["loss"], count + 1, step + 1
     skipped = skipped + m["skipped"]
+    _release(run, m["loss"], m["skipped"], done)
     if done % log_every == 0:
       # Read the previous interval's metrics (copied meanwhile), start this one's copy:
       # the loop never waits on the device just to log.
@@ -294,11 +312,10 @@ def run_epoch(run: Run, state, epoch: int, checkpoint_every: int, log_every: int
     if done == stop_at_step:
       return None
     if done % checkpoint_every == 0 and done % run.per_epoch:
-      run.ckpt.save(done, state, {"step": done, "train_seconds": train_seconds + time.perf_counter() - t0,
-                                  "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count,
-                                  **_data_meta(run)})
+      _hold(run, done, state, {"step": done, "train_seconds": train_seconds + time.perf_counter() - t0,
+                               "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count})
   bar.close()
-  _check_health(run, loss_sum, skipped, (epoch + 1) * run.per_epoch, state)  # train saves it next
+  _check_health(run, loss_sum, skipped, (epoch + 1) * run.per_epoch, state)  # train holds it next
   epoch_loss = float(jax.device_get(loss_sum)) / max(count, 1)
   return state, m, epoch_loss, time.perf_counter() - t0
 
@@ -346,6 +363,8 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
   primary = jax.process_index() == 0
   print_fn = print_fn if primary else (lambda _: None)
   with wd.lock(workdir, print_fn) if primary else contextlib.nullcontext():
+    if primary:
+      wd.remove_stale_temps(workdir)
     saved = wd.read(workdir)
     if saved.config is not None:  # refuse another run's workdir before loading anything
       wd.config_changes(workdir, saved.config, cfg.to_dict())
@@ -402,9 +421,12 @@ def _loop(run: Run, state, workdir: Path, records: list[dict], start_epoch: int,
       if primary:
         wd.write_records(workdir / "metrics.jsonl", records)
       done = (epoch + 1) * run.per_epoch
-      run.ckpt.save(done, state, {"step": done, "train_seconds": train_seconds, "loss_sum": 0.0,
-                                  "loss_count": 0, **_data_meta(run)})
+      _hold(run, done, state, {"step": done, "train_seconds": train_seconds, "loss_sum": 0.0,
+                               "loss_count": 0})
       print_fn(_epoch_line(record, tr.epochs))
+    if run.held is not None:  # the final state has no next step: written as checked (finite)
+      run.ckpt.save(*run.held, copy=False)
+      run.held = None
   finally:
     run.ckpt.close()
   final_step = max(run.start, tr.epochs * run.per_epoch)

@@ -67,6 +67,13 @@ def write_records(path: Path, records: list[dict[str, Any]]) -> None:
   write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def remove_stale_temps(workdir: Path) -> None:
+  """Delete what a run killed mid-write left beside its files (call holding the lock)."""
+  for name in ("config.json", "metrics.jsonl", "summary.json"):
+    for tmp in workdir.glob(f".{name}.*.tmp"):
+      tmp.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------- the directory
 
 def prepare(workdir: str | os.PathLike) -> Path:

@@ -71,6 +71,7 @@ def test_run_files_are_written_once_the_run_starts_and_only_when_they_change(tmp
   assert saved["format"] == wd.FORMAT and saved["history"] == []
   assert saved["config"]["train"]["epochs"] == 1
   before = config.stat()
+  (tmp_path / ".metrics.jsonl.12345.tmp").write_text('{"epoch": 1')  # a kill mid-write left it
   _run(tmp_path, epochs=1)  # the same command again: config.json and metrics untouched
   assert (config.stat().st_ino, config.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
   assert [r["epoch"] for r in _records(tmp_path)] == [1]
@@ -222,6 +223,20 @@ def test_non_finite_state_is_never_saved_and_the_advised_resume_works(tmp_path, 
   assert s["steps"] == 11 and s["config"]["train"]["lr"] == 1e-4
   history = json.loads((tmp_path / "config.json").read_text())["history"]
   assert history == [{"step": 3, "time": history[0]["time"], "changed": {"lr": [1e-3, 1e-4]}}]
+
+
+def test_a_finite_state_that_diverges_at_once_is_not_a_good_checkpoint(tmp_path):
+  # lr 1e30: the first update leaves finite parameters of ~1e30, the next loss is NaN.
+  with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet") as e:
+    _run(tmp_path, epochs=1, checkpoint_every=1, lr=1e30)
+  assert "by step 2" in str(e.value)
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  s = _run(tmp_path, epochs=1, lr=1e-3)  # the advice: start again with a lower lr
+  assert s["steps"] == 11 and np.isfinite(_records(tmp_path)[0]["train_loss"])
+  _, _, state, step = load_run(tmp_path)
+  assert step == 11 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+  history = json.loads((tmp_path / "config.json").read_text())["history"]
+  assert [(h["step"], h["changed"]) for h in history] == [(0, {"lr": [1e30, 1e-3]})]
 
 
 def test_a_nan_batch_is_refused_and_stops_training_with_the_last_good_checkpoint(tmp_path):
