@@ -26,11 +26,14 @@ ConvImpl = Literal["xla", "patches", "gemm"]
 
 
 class Conv(nn.Module):
-  """3x3 stride-1 convolution with a choice of weight-gradient implementation."""
+  """3x3 stride-1 convolution with a choice of weight-gradient implementation, and with
+  `pool` a 2x2 max-pool between the convolution and the bias: max_pool(conv(x)) + b,
+  which is max_pool(conv(x) + b), the bias being constant over each window."""
 
   features: int
   padding: str = "VALID"
   impl: ConvImpl = "xla"
+  pool: bool = False
 
   @nn.compact
   def __call__(self, x_NHWC: jax.Array) -> jax.Array:
@@ -44,20 +47,48 @@ class Conv(nn.Module):
     else:
       y = jax.lax.conv_general_dilated(
           x_NHWC, w, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + b[None, None, None, :]
+    return (max_pool_2x2(y) if self.pool else y) + b[None, None, None, :]
 
 
+@jax.custom_vjp
 def max_pool_2x2(x_BHWC: jax.Array) -> jax.Array:
   """2x2 stride-2 max pooling, flooring odd sizes (= `nn.max_pool(x, (2, 2), (2, 2))`).
 
-  Written as a reshape and a max: its gradient is then an elementwise select,
-  where `nn.max_pool`'s select-and-scatter gradient runs an order of magnitude
-  slower on XLA:CPU. Only exact
-  ties, which ReLU's zero gradient already masks, are routed differently.
+  Written as a reshape and a max, with the gradient of `nn.max_pool`: each window's
+  gradient goes to its first maximum (row-major). XLA:CPU runs `nn.max_pool`'s
+  select-and-scatter gradient an order of magnitude slower, and the generic gradient
+  of a max (which splits ties and so needs a count and a division per window) needs
+  several passes where this takes one elementwise pass.
   """
+  return _windows(x_BHWC).max(axis=(2, 4))
+
+
+def _windows(x_BHWC: jax.Array) -> jax.Array:
   b, h, w, c = x_BHWC.shape
-  h2, w2 = h // 2, w // 2
-  return x_BHWC[:, :2 * h2, :2 * w2].reshape(b, h2, 2, w2, 2, c).max(axis=(2, 4))
+  return x_BHWC[:, :2 * (h // 2), :2 * (w // 2)].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_fwd(x_BHWC):
+  y = max_pool_2x2(x_BHWC)
+  return y, (x_BHWC, y)
+
+
+def _max_pool_bwd(res, g):
+  x, y = res
+  hit = _windows(x) == y[:, :, None, :, None, :]
+  first = jnp.zeros_like(hit[:, :, 0, :, 0])
+  picks = []
+  for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):  # window order
+    picks.append(hit[:, :, i, :, j] & ~first)
+    first = first | picks[-1]
+  pick = jnp.stack([jnp.stack(picks[:2], -2), jnp.stack(picks[2:], -2)], 2)
+  b, h, w, c = x.shape
+  gx = jnp.where(pick, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+  gx = gx.reshape(b, 2 * (h // 2), 2 * (w // 2), c)
+  return (jnp.pad(gx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _bn(train: bool) -> nn.BatchNorm:
@@ -67,7 +98,11 @@ def _bn(train: bool) -> nn.BatchNorm:
 
 class ImagePath(nn.Module):
   """conv32-pool-conv64-conv128-pool (ReLU, dropout after each) -> FC256 -> BN
-  (discrete time), or -> FC256 -> ReLU (continuous time, `batchnorm=False`)."""
+  (discrete time), or -> FC256 -> ReLU (continuous time, `batchnorm=False`).
+
+  Each pool is taken before its bias and ReLU, which commute with it (max_pool(relu(y +
+  b)) = relu(max_pool(y) + b)): the same function, with the bias, the ReLU and their
+  gradients on a quarter of the elements."""
 
   padding: str = "VALID"
   dropout: float = 0.2
@@ -78,9 +113,7 @@ class ImagePath(nn.Module):
   def __call__(self, x_BHWC: jax.Array, train: bool) -> jax.Array:
     h = x_BHWC
     for features, pool in ((32, True), (64, False), (128, True)):
-      h = nn.relu(Conv(features, self.padding, self.conv_impl)(h))
-      if pool:
-        h = max_pool_2x2(h)
+      h = nn.relu(Conv(features, self.padding, self.conv_impl, pool)(h))
       h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Dense(256)(h.reshape(h.shape[0], -1))
     return _bn(train)(h) if self.batchnorm else nn.relu(h)

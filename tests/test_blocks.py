@@ -124,13 +124,42 @@ def test_im2col_orders_features_as_the_kernel_flattens():
   np.testing.assert_array_equal(p[:, 1, 2, (i * 3 + j) * 3 + c], x[:, 1 + i, 2 + j, c])
 
 
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("shape", [(2, 26, 26, 3), (2, 9, 9, 4), (1, 5, 4, 2)])
-def test_max_pool_matches_flax_with_floored_odd_sizes(shape):
+def test_max_pool_matches_flax_with_floored_odd_sizes(shape, ties):
   import flax.linen as nn
   x = jax.random.normal(jax.random.key(1), shape)
+  if ties:  # whole windows of equal values: the gradient goes to one element, as flax's
+    x = jnp.round(x).at[:, :2, :2].set(0.0)
   want = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
   np.testing.assert_array_equal(max_pool_2x2(x), want)
   g = jax.random.normal(jax.random.key(2), want.shape)
   grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * g))(x)
   np.testing.assert_array_equal(grad(max_pool_2x2),
                                 grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))
+
+
+def test_image_path_is_the_papers_conv_relu_pool_order():
+  """The pool is taken before bias and ReLU (they commute with it): the same function and
+  gradient as conv -> ReLU -> pool written with flax's own layers."""
+  import flax.linen as nn
+
+  class Reference(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i, (f, pool) in enumerate(((32, True), (64, False), (128, True))):
+        x = nn.relu(nn.Conv(f, (3, 3), padding="VALID", name=f"Conv_{i}")(x))
+        if pool:
+          x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      return nn.Dense(256, name="Dense_0")(x.reshape(x.shape[0], -1))
+
+  x = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+  for impl in ("xla", "patches", "gemm"):
+    path = blocks.ImagePath(conv_impl=impl, batchnorm=False)
+    params = path.init(jax.random.key(1), x, False)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+    ours = lambda p: jnp.sum(path.apply({"params": p}, x, False) ** 2)
+    ref = lambda p: jnp.sum(nn.relu(Reference().apply({"params": p}, x)) ** 2)
+    np.testing.assert_allclose(ours(params), ref(params), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.grad(ours)(params)), jax.tree.leaves(jax.grad(ref)(params))):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(jnp.abs(b).max()))

@@ -119,7 +119,9 @@ def test_mesh_larger_than_the_devices_is_an_error():
 
 
 def test_auto_blocks_per_step_takes_the_largest_that_fits():
-  cfg = _cfg(formulation="vmap")
+  # Batches of 256: activations, which grow with the blocks computed at once, dominate the
+  # memory (at 64, the scan's own buffers can make chunks of 2 need more than all 4).
+  cfg = _cfg(formulation="vmap", batch_size=256)
   n = len(DIGITS.train.labels)
   x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)
   compute, model = build(cfg)
