@@ -25,11 +25,21 @@ XLA's cost analysis, against a matmul peak measured at the start.
 Inference rows: NoProp-DT (auto formulation, mean path) and NoProp-CT/FM
 (Euler, mean path) at --inference-steps solver steps (default 100; the paper
 uses 1000), on a batch of --batch-size images.
+
+Against PyTorch (on XLA:CPU, when torch is importable; --no-torch skips it): the
+per-block loop of `torch_reference.py` (T blocks, one AdamW each, as public PyTorch
+code trains) on the same shapes and as many threads as XLA uses, timed in this
+process alternately with the library's default step, its Algorithm 1 step and its
+inference, over --rounds rounds; the table gives each median and the ratios.
+DT inference is a batch through the T blocks; FM's is --torch-fm-steps (default
+1000, the paper's) Euler steps on --torch-fm-batch images, the PyTorch block called
+whole at every step.
 """
 
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -229,12 +239,83 @@ def inference_rows(args) -> list[dict]:
   return rows
 
 
+def torch_rows(args, specs) -> list[dict]:
+  """The library against the PyTorch per-block loop, timed alternately in this process:
+  per item, the median over `args.rounds` rounds of `args.repeats` calls each (block
+  steps: x T), each side's calls after one untimed call."""
+  import torch
+  import torch_reference
+
+  threads = len(os.sched_getaffinity(0))  # XLA:CPU's thread pool has one thread per core
+  torch.set_num_threads(threads)
+  shape, m = SHAPES[args.dataset]
+  T = args.T
+  ours = {}
+  for key, item in (("auto", "step"), ("algorithm1", "block_step")):
+    _, kind, cfg = specs[key]
+    x, y = data(cfg)
+    compute, model = build(cfg)
+    state = init_state(cfg)
+    if kind == "algorithm1":
+      fn = jax.jit(lambda s, x, y, model=model, compute=compute, optim=cfg.train.optim:
+                   dt.sequential_step(model, optim, compute, s, x, y, s["step"] % T),
+                   donate_argnums=0)
+    else:
+      fn = METHODS["dt"].make_train_step(model, cfg.train.optim, compute).jitted
+    compiled = fn.lower(state, x, y).compile()
+    ours[item] = [compiled, state, (x, y), xla_flops(compiled), resolved(kind, cfg)]
+  dt_cfg = RunConfig.create("dt", dataset=args.dataset, batch_size=args.batch_size, T=T)
+  compute, model = build(dt_cfg)
+  x, _ = data(dt_cfg)
+  pred = jax.jit(lambda s, x: dt.predict(model, s, x, compute=compute)).lower(
+      init_state(dt_cfg), x).compile()
+  ours["dt_predict"] = [lambda s, x: (s, pred(s, x)), init_state(dt_cfg), (x,), xla_flops(pred), ""]
+  fm_cfg = RunConfig.create("fm", dataset=args.dataset, batch_size=args.torch_fm_batch,
+                            inference_steps=args.torch_fm_steps)
+  fm_model = build(fm_cfg)[1]
+  x, _ = data(fm_cfg)
+  fm_state = trainer.init_state(fm_cfg, fm_model, jax.random.key(0))
+  fm_pred = jax.jit(lambda s, x: METHODS["fm"].predict(fm_model, s, x)).lower(fm_state, x).compile()
+  ours["fm_predict"] = [lambda s, x: (s, fm_pred(s, x)), fm_state, (x,), xla_flops(fm_pred), ""]
+  theirs = torch_reference.timers(shape, m, args.batch_size, T, args.torch_fm_batch,
+                                  args.torch_fm_steps)
+
+  def ours_once(item):
+    fn, state, inputs = ours[item][:3]
+    ours[item][1], _ = jax.block_until_ready(fn(state, *inputs))
+
+  times = {(side, item): [] for item in ours for side in ("jax", "torch")}
+  for item in ours:  # warm-up
+    ours_once(item)
+    theirs[item]()
+  for _ in range(args.rounds):
+    for item in ours:
+      n = 1 if item == "fm_predict" else args.repeats * (T if item == "block_step" else 1)
+      for side, once in (("jax", lambda: ours_once(item)), ("torch", theirs[item])):
+        # Untimed: the other side's threads may still be spinning (OpenMP waits actively
+        # after a parallel region), which would be charged to this side's first call.
+        once()
+        for _ in range(n):
+          t0 = time.perf_counter()
+          once()
+          times[side, item].append(time.perf_counter() - t0)
+  rows = []
+  for item in ours:
+    j, t = (statistics.median(times[side, item]) for side in ("jax", "torch"))
+    rows.append({"table": "torch", "case": item, "resolved": ours[item][4], "jax_s": j,
+                 "torch_s": t, "speedup": t / j, "flops_jax": ours[item][3], "threads": threads,
+                 "torch_version": torch.__version__, "timed_calls": len(times["jax", item])})
+  return rows
+
+
 def run_unit(unit: str, args, specs) -> list[dict]:
-  """One unit of work in this process: 'probe', 'inference' or a training case key."""
+  """One unit of work in this process: 'probe', 'inference', 'torch' or a training case key."""
   if unit == "probe":
     return [probe(args, specs)]
   if unit == "inference":
     return inference_rows(args)
+  if unit == "torch":
+    return torch_rows(args, specs)
   _, kind, cfg = specs[unit]
   return [train_row(unit, kind, cfg, args.repeats)]
 
@@ -243,7 +324,9 @@ def run_child(unit: str, args) -> list[dict]:
   """`run_unit` in a fresh process (its device peak alone); a failure becomes an error row."""
   cmd = [sys.executable, str(Path(__file__).resolve()), "--case", unit, "--dataset", args.dataset,
          "--batch-size", str(args.batch_size), "--T", str(args.T), "--repeats", str(args.repeats),
-         "--precision", args.precision, "--inference-steps", str(args.inference_steps)]
+         "--precision", args.precision, "--inference-steps", str(args.inference_steps),
+         "--rounds", str(args.rounds), "--torch-fm-batch", str(args.torch_fm_batch),
+         "--torch-fm-steps", str(args.torch_fm_steps)]
   if args.matmul_size:
     cmd += ["--matmul-size", str(args.matmul_size)]
   p = subprocess.run(cmd, capture_output=True, text=True)
@@ -252,7 +335,7 @@ def run_child(unit: str, args) -> list[dict]:
     err = (p.stderr.strip().splitlines() or ["no output"])[-1][:200]
     if unit == "probe":
       raise RuntimeError(f"the probe process failed: {p.stderr[-2000:]}")
-    return [{"table": "inference" if unit == "inference" else "train", "case": unit, "error": err}]
+    return [{"table": unit if unit in ("inference", "torch") else "train", "case": unit, "error": err}]
   return rows
 
 
@@ -356,6 +439,48 @@ def inference_table(rows: list[dict], args) -> str:
   return "\n".join(out)
 
 
+TORCH_ITEMS = {
+    "step": ("training: one step of all T blocks", "the default parallel step",
+             "T block steps in a Python loop (each AdamW), + head"),
+    "block_step": ("training: one block's step", "Algorithm 1's step", "one block's step + head"),
+    "dt_predict": ("NoProp-DT inference, one batch", "dt.predict (mean path)",
+                   "T whole blocks in a loop"),
+    "fm_predict": ("NoProp-FM inference, one batch", "fm.predict (Euler)",
+                   "the whole block at every Euler step")}
+
+
+def torch_table(rows: list[dict], info: dict, args) -> str:
+  peak = info["matmul_flops_per_s"]
+  r0 = rows[0]
+  cols = (f"{'':36} {'noprop_jax ms':>13} {'PyTorch ms':>10} {'speed-up':>8} "
+          f"{'examples/s jax / torch':>22} {'% matmul jax / torch':>20}")
+  out = [f"Against PyTorch {r0['torch_version']} (CPU, {r0['threads']} threads), timed alternately "
+         f"in {args.rounds} rounds: {args.dataset} shapes, batch {args.batch_size}, T={args.T}; "
+         f"FM: {args.torch_fm_steps} Euler steps on {args.torch_fm_batch} images", cols,
+         "-" * len(cols)]
+  for r in rows:
+    if "error" in r:
+      out.append(f"{r['case']:36} failed: {r['error']}")
+      continue
+    n = args.torch_fm_batch if r["case"] == "fm_predict" else args.batch_size
+    training = r["case"] in ("step", "block_step")
+    # The PyTorch loop does the same arithmetic as the training steps; its inference does
+    # more (whole blocks), so only the training rows get a matmul-peak fraction.
+    pct = (f"{100 * r['flops_jax'] / r['jax_s'] / peak:9.1f} / {100 * r['flops_jax'] / r['torch_s'] / peak:<8.1f}"
+           if training and r["flops_jax"] else f"{'n/a':>20}")
+    per = args.T if r["case"] == "block_step" else 1  # every block trains on the batch once
+    out.append(f"{TORCH_ITEMS[r['case']][0]:36} {1e3 * r['jax_s']:13.1f} {1e3 * r['torch_s']:10.1f} "
+               f"{r['speedup']:7.2f}x {n / per / r['jax_s']:11.1f} / {n / per / r['torch_s']:<8.1f} "
+               f"{pct}")
+  out += ["noprop_jax: " + "; ".join(f"{v[0].split(':')[-1].strip()}: {v[1]}" for v in TORCH_ITEMS.values()),
+          "PyTorch (experiments/torch_reference.py): " + "; ".join(
+              f"{v[0].split(':')[-1].strip()}: {v[2]}" for v in TORCH_ITEMS.values()),
+          "speed-up: PyTorch's median time over noprop_jax's (> 1: noprop_jax is faster). examples/s: "
+          "for training, per example seen by every block (a block step: x T).",
+          "% matmul: XLA's FLOP count of the library's step over the time, against the matmul peak."]
+  return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -370,6 +495,10 @@ def main(argv=None) -> int:
   p.add_argument("--inference-steps", type=int, default=100, help="CT/FM Euler steps (paper: 1000)")
   p.add_argument("--json", action="store_true", help="also print one JSON object per row")
   p.add_argument("--matmul-size", type=int, default=None, help="default 4096 (GPU/TPU), 2048 (CPU)")
+  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+  p.add_argument("--rounds", type=int, default=2, help="PyTorch comparison: alternating rounds")
+  p.add_argument("--torch-fm-batch", type=int, default=16, help="PyTorch comparison: FM images")
+  p.add_argument("--torch-fm-steps", type=int, default=1000, help="PyTorch comparison: FM Euler steps")
   p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process: one unit
   p.add_argument("--isolate", default="auto", choices=["auto", "always", "never"],
                  help=argparse.SUPPRESS)  # fresh process per row: where a device peak is reported
@@ -408,8 +537,21 @@ def main(argv=None) -> int:
   if inf:
     print()
     print(inference_table(inf, args))
+  vs_torch = []
+  if not args.no_torch and info["backend"] == "cpu" and min(SHAPES[args.dataset][0][:2]) < 14:
+    print(f"\n(no PyTorch comparison on {args.dataset}: its images are padded for the paper's "
+          "block, which the PyTorch reference does not do)")
+  elif not args.no_torch and info["backend"] == "cpu":
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      print("\n(PyTorch is not installed: no comparison; pip install -e '.[torch]')")
+    else:
+      vs_torch = run("torch")
+      print()
+      print(torch_table(vs_torch, info, args))
   if args.json:
-    for r in rows + inf:
+    for r in rows + inf + vs_torch:
       print(json.dumps(r))
   return 0
 

@@ -16,7 +16,7 @@ def test_benchmark_rows(capsys):
   batch, T = 16, 2
   assert benchmark.main(["--dataset", "digits", "--T", str(T), "--batch-size", str(batch),
                          "--repeats", "1", "--json", "--inference-steps", "2", "--matmul-size", "1024",
-                         "--cases", "vmap", "chunks", "algorithm1"]) == 0
+                         "--cases", "vmap", "chunks", "algorithm1", "--no-torch"]) == 0
   out = capsys.readouterr().out
   rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   train = {r["case"]: r for r in rows if r["table"] == "train"}
