@@ -181,18 +181,24 @@ def init_state(cfg: RunConfig):
   return trainer.init_state(auto, build(auto)[1], jax.random.key(0))
 
 
+def jitted_step(kind: str, cfg: RunConfig):
+  """The case's jitted training step `(state, x, y) -> (state, metrics)`, state donated:
+  the method's own (not the wrapper that checks each batch), or for Algorithm 1 the
+  step of block step % T."""
+  compute, model = build(cfg)
+  optim, T = cfg.train.optim, cfg.T
+  if kind == "algorithm1":
+    return jax.jit(lambda s, x, y: dt.sequential_step(model, optim, compute, s, x, y, s["step"] % T),
+                   donate_argnums=0)
+  return METHODS[cfg.method].make_train_step(model, optim, compute).jitted
+
+
 def train_row(key: str, kind: str, cfg: RunConfig, repeats: int) -> dict:
   """Compile one training step and time it; raw numbers (derived ones come later)."""
   x, y = data(cfg)
-  compute, model = build(cfg)
-  optim, T = cfg.train.optim, cfg.T
+  compute, T = build(cfg)[0], cfg.T
   state = init_state(cfg)
-  if kind == "algorithm1":
-    step = jax.jit(lambda s, x, y: dt.sequential_step(model, optim, compute, s, x, y, s["step"] % T),
-                   donate_argnums=0)
-  else:
-    # The jitted step itself (not the wrapper that checks each batch), to lower and time.
-    step = METHODS[cfg.method].make_train_step(model, optim, compute).jitted
+  step = jitted_step(kind, cfg)
   jax.block_until_ready(state)
   t0 = time.perf_counter()
   compiled = step.lower(state, x, y).compile()
@@ -254,22 +260,15 @@ def torch_rows(args, specs) -> list[dict]:
   for key, item in (("auto", "step"), ("algorithm1", "block_step")):
     _, kind, cfg = specs[key]
     x, y = data(cfg)
-    compute, model = build(cfg)
     state = init_state(cfg)
-    if kind == "algorithm1":
-      fn = jax.jit(lambda s, x, y, model=model, compute=compute, optim=cfg.train.optim:
-                   dt.sequential_step(model, optim, compute, s, x, y, s["step"] % T),
-                   donate_argnums=0)
-    else:
-      fn = METHODS["dt"].make_train_step(model, cfg.train.optim, compute).jitted
-    compiled = fn.lower(state, x, y).compile()
+    compiled = jitted_step(kind, cfg).lower(state, x, y).compile()
     ours[item] = [compiled, state, (x, y), xla_flops(compiled), resolved(kind, cfg)]
   dt_cfg = RunConfig.create("dt", dataset=args.dataset, batch_size=args.batch_size, T=T)
   compute, model = build(dt_cfg)
   x, _ = data(dt_cfg)
-  pred = jax.jit(lambda s, x: dt.predict(model, s, x, compute=compute)).lower(
-      init_state(dt_cfg), x).compile()
-  ours["dt_predict"] = [lambda s, x: (s, pred(s, x)), init_state(dt_cfg), (x,), xla_flops(pred), ""]
+  dt_state = init_state(dt_cfg)
+  pred = jax.jit(lambda s, x: dt.predict(model, s, x, compute=compute)).lower(dt_state, x).compile()
+  ours["dt_predict"] = [lambda s, x: (s, pred(s, x)), dt_state, (x,), xla_flops(pred), ""]
   fm_cfg = RunConfig.create("fm", dataset=args.dataset, batch_size=args.torch_fm_batch,
                             inference_steps=args.torch_fm_steps)
   fm_model = build(fm_cfg)[1]
@@ -451,10 +450,11 @@ TORCH_ITEMS = {
 
 def torch_table(rows: list[dict], info: dict, args) -> str:
   peak = info["matmul_flops_per_s"]
-  r0 = rows[0]
+  r0 = next((r for r in rows if "error" not in r), {})  # a failed child gives one error row
   cols = (f"{'':36} {'noprop_jax ms':>13} {'PyTorch ms':>10} {'speed-up':>8} "
           f"{'examples/s jax / torch':>22} {'% matmul jax / torch':>20}")
-  out = [f"Against PyTorch {r0['torch_version']} (CPU, {r0['threads']} threads), timed alternately "
+  out = [f"Against PyTorch {r0.get('torch_version', '')} (CPU, {r0.get('threads', '?')} threads), "
+         f"timed alternately "
          f"in {args.rounds} rounds: {args.dataset} shapes, batch {args.batch_size}, T={args.T}; "
          f"FM: {args.torch_fm_steps} Euler steps on {args.torch_fm_batch} images", cols,
          "-" * len(cols)]
