@@ -46,6 +46,7 @@ class Model:
     if self.inference_steps < 1 or self.num_classes < 2:
       raise ValueError(f"need inference_steps >= 1 and num_classes >= 2, got "
                        f"{self.inference_steps}, {self.num_classes}")
+    core.check_block(self.block, TIME_CONDITIONED, NAME)
 
   @property
   def dim(self) -> int:
@@ -161,6 +162,11 @@ def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: j
   h = core.features(model.block, {"params": params["block"]}, core.to_float(x))
   return core.eval_paths(solve, partial(core.head_logits, params["head"]), h, y, key, runs,
                          model.dim)
+
+
+def block_calls(model: Model) -> int:
+  """Block calls to classify one batch: the block at every Euler step."""
+  return model.inference_steps
 
 
 def describe(model: Model, compute: Compute, state: State) -> str:

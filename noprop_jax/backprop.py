@@ -40,6 +40,7 @@ class Model:
     if self.T < 1 or self.num_classes < 2:
       raise ValueError(f"need T >= 1 and num_classes >= 2, got {self.T}, {self.num_classes}")
     self.dim  # validates the embedding
+    core.check_block(self.block, TIME_CONDITIONED, NAME)
 
   dim = property(core.model_dim)  # d, the embedding's dimension
 
@@ -55,8 +56,7 @@ def init(model: Model, key: jax.Array, optim: Optim = Optim(), embed: jax.Array 
   k_blocks, k_embed = jax.random.split(jax.random.fold_in(key, 0))
   x = jnp.zeros((1, *model.input_shape), jnp.float32)
   z = jnp.zeros((1, model.dim), jnp.float32)
-  variables = jax.vmap(lambda k: core.init_block(model.block, k, x, z))(
-      jax.random.split(k_blocks, model.T))
+  variables = core.init_stacked(model.block, k_blocks, model.T, x, z)
   params = {"blocks": variables.pop("params"), "w": jnp.full((model.T,), W_INIT, jnp.float32)}
   W = core.init_embedding(model.embedding, k_embed, model.num_classes, model.dim, embed)
   if W is not None:
@@ -83,7 +83,7 @@ def forward(model: Model, compute: Compute, params: dict, stats: dict, x: jax.Ar
     variables, alpha, k = inp
     logits, updates = core.apply(model.block, variables, x, z, train=train,
                                  rng=k if train else None)
-    return (1.0 - alpha) * z + alpha * (jax.nn.softmax(logits) @ W), updates
+    return core.chain_link(z, alpha, logits, W), updates
 
   xs = ({**stats, "params": params["blocks"]}, jnp.tanh(params["w"]), keys)
   z_T, updates = core.fold_blocks(step, z0, xs, compute)
@@ -145,6 +145,11 @@ def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: j
   core.check_batch(model, x, y, padding=True)
   solve = lambda x, z0: forward(model, compute, state["params"], state["stats"], x, z0)[0]
   return core.eval_paths(solve, lambda logits: logits, core.to_float(x), y, key, runs, model.dim)
+
+
+def block_calls(model: Model) -> int:
+  """Block calls to classify one batch: each block once."""
+  return model.T
 
 
 def describe(model: Model, compute: Compute, state: State) -> str:

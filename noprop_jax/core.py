@@ -86,14 +86,14 @@ class Compute:
       raise ValueError("formulation scan is one block at a time (blocks_per_step 1), got "
                        f"{self.blocks_per_step}")
 
-  def resolve(self, T: int, mesh_blocks: int = 1) -> "Compute":
+  def resolve(self, T: int, mesh_blocks: int = 1, auto: str | None = None) -> "Compute":
     """Concrete settings for T blocks on this backend (call outside traced code).
 
-    'auto' is 'unroll' on XLA:CPU, where batched (vmapped) convolutions and conv
-    weight gradients in loops are slow, and 'vmap' on GPU/TPU or when the blocks
-    are split over a mesh (unrolled blocks are indexed one by one, which a
-    sharded stacked axis cannot do)."""
-    form = self.formulation
+    'auto' is `auto` where a method gives one (its `AUTO_FORMULATION`), else 'unroll' on
+    XLA:CPU, where batched (vmapped) convolutions and conv weight gradients in loops are
+    slow, and 'vmap' on GPU/TPU or when the blocks are split over a mesh (unrolled blocks
+    are indexed one by one, which a sharded stacked axis cannot do)."""
+    form = self.formulation if self.formulation != "auto" or auto is None else auto
     if form == "auto":
       form = "unroll" if jax.default_backend() == "cpu" and mesh_blocks == 1 else "vmap"
     k = 1 if form == "scan" else (self.blocks_per_step or T)
@@ -226,6 +226,24 @@ def has_split(block: nn.Module) -> bool:
   return callable(getattr(block, "features", None)) and callable(getattr(block, "from_features", None))
 
 
+def check_block(block: nn.Module | None, time_conditioned: bool, method: str) -> None:
+  """A clear error where `block`'s `__call__` cannot take the method's inputs: (x, z) or,
+  `time_conditioned`, (x, z, t), plus an optional `train` keyword. None passes (a config
+  validated before the data fixes the block)."""
+  if block is None:
+    return
+  want = 3 if time_conditioned else 2
+  params = [p for p in list(inspect.signature(type(block).__call__).parameters.values())[1:]
+            if p.name != "train" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  required = sum(p.default is p.empty for p in params)
+  if not required <= want <= len(params):
+    sig = "(x, z, t)" if time_conditioned else "(x, z)"
+    kind = ("a time-conditioned block, e.g. blocks.CTBlock, MLPTimeBlock or ViTTimeBlock"
+            if time_conditioned else "a block without t, e.g. blocks.DTBlock, MLPBlock or ViTBlock")
+    raise ValueError(f"{method} calls its block as block{sig}, but {type(block).__name__}.__call__ "
+                     f"takes ({', '.join(p.name for p in params)}): use {kind}")
+
+
 def init_block(block: nn.Module, key: jax.Array, *inputs) -> dict:
   """The block's variables ({'params', ...}) for example inputs."""
   kw = {"train": False} if _takes_train(block, "__call__") else {}
@@ -332,6 +350,11 @@ def readout_head(W_MD: jax.Array) -> dict:
   and from a random start AdamW needs thousands of steps to grow separating logits."""
   scale = READOUT_SCALE / jnp.mean(jnp.sum(W_MD**2, axis=-1))
   return {"kernel": scale * W_MD.T, "bias": jnp.zeros((W_MD.shape[0],), jnp.float32)}
+
+
+def chain_link(z_BD: jax.Array, alpha, logits: jax.Array, W_MD: jax.Array) -> jax.Array:
+  """One link of the baselines' chain: z_t = (1 - alpha_t) z_{t-1} + alpha_t softmax(logits) @ W."""
+  return (1.0 - alpha) * z_BD + alpha * (jax.nn.softmax(logits) @ W_MD)
 
 
 def head_logits(head: dict, z_BD: jax.Array) -> jax.Array:
@@ -541,6 +564,32 @@ def fold_blocks(step: Callable, z0: Any, xs: Any, compute: Compute) -> tuple[Any
     z, out = step(z, jax.tree.map(lambda a: a[i], xs))
     outs.append(out)
   return z, _stack(outs)
+
+
+def init_stacked(block: nn.Module, key: jax.Array, T: int, *inputs) -> dict:
+  """T independently initialised copies of the block's variables, stacked on a leading axis."""
+  return jax.vmap(lambda k: init_block(block, k, *inputs))(jax.random.split(key, T))
+
+
+def stacked_state(key: jax.Array, blocks: dict, shared: dict, opt: optax.GradientTransformation) -> State:
+  """The state of T stacked blocks and the parameters they share: 'blocks' and 'opt_blocks'
+  lead with the T axis (each block its own optimizer state), 'shared' and 'opt_shared' do not."""
+  return {"step": jnp.zeros((), jnp.int32), "rng": new_rng(key), "blocks": blocks,
+          "shared": shared, "opt_blocks": jax.vmap(opt.init)(blocks["params"]),
+          "opt_shared": opt.init(shared)}
+
+
+def stacked_update(opt: optax.GradientTransformation, state: State, g_blocks: dict,
+                   g_shared: dict, block_updates: dict) -> State:
+  """One optimizer step of a `stacked_state`: each block on its own gradient with its own
+  optimizer state (vmapped: own clipping norm, moments and count), the shared parameters on
+  theirs; `block_updates` (new BatchNorm statistics, stacked) replace the blocks' entries."""
+  upd, opt_shared = opt.update(g_shared, state["opt_shared"], state["shared"])
+  params = state["blocks"]["params"]
+  upd_blocks, opt_blocks = jax.vmap(opt.update)(g_blocks, state["opt_blocks"], params)
+  blocks = {**state["blocks"], **block_updates, "params": optax.apply_updates(params, upd_blocks)}
+  return {**state, "blocks": blocks, "shared": optax.apply_updates(state["shared"], upd),
+          "opt_blocks": opt_blocks, "opt_shared": opt_shared}
 
 
 def num_stacked(tree: Any) -> int:

@@ -55,6 +55,7 @@ class Model:
                        f"noise end t = 0 to the label end t = 1), got {self.gamma_0_init}, "
                        f"{self.gamma_1_init}")
     self.dim  # validates the embedding
+    core.check_block(self.block, TIME_CONDITIONED, NAME)
 
   dim = property(core.model_dim)  # d, the embedding's dimension
 
@@ -238,6 +239,11 @@ def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: j
     h_runs = jax.tree.map(lambda a: jnp.concatenate([a] * runs), h)
     return mean, core.count_correct(scores(integrate(model, state, h_runs, z0, k1)), y, runs)
   return core.eval_paths(ode, scores, h, y, k0, runs, model.dim)
+
+
+def block_calls(model: Model) -> int:
+  """Block calls to classify one batch: the block at every Euler step (its image pathway once)."""
+  return model.inference_steps
 
 
 def describe(model: Model, compute: Compute, state: State) -> str:

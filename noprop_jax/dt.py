@@ -61,6 +61,7 @@ class Model:
       raise ValueError("need 0 < alpha_bar_min < alpha_bar_max < 1 so every SNR is finite, "
                        f"got {self.alpha_bar_min}, {self.alpha_bar_max}")
     self.dim  # validates the embedding
+    core.check_block(self.block, TIME_CONDITIONED, NAME)
 
   dim = property(core.model_dim)  # d, the embedding's dimension
 
@@ -76,16 +77,12 @@ def init(model: Model, key: jax.Array, optim: Optim = Optim(), embed: jax.Array 
   k_blocks, k_embed = jax.random.split(jax.random.fold_in(key, 0))
   x = jnp.zeros((1, *model.input_shape), jnp.float32)
   z = jnp.zeros((1, model.dim), jnp.float32)
-  blocks = jax.vmap(lambda k: core.init_block(model.block, k, x, z))(
-      jax.random.split(k_blocks, model.T))
+  blocks = core.init_stacked(model.block, k_blocks, model.T, x, z)
   shared = {"head": core.zero_head(model.dim, model.num_classes)}
   W = core.init_embedding(model.embedding, k_embed, model.num_classes, model.dim, embed)
   if W is not None:
     shared["embed"] = W
-  opt = core.adamw(optim)
-  return {"step": jnp.zeros((), jnp.int32), "rng": core.new_rng(key), "blocks": blocks,
-          "shared": shared, "opt_blocks": jax.vmap(opt.init)(blocks["params"]),
-          "opt_shared": opt.init(shared)}
+  return core.stacked_state(key, blocks, shared, core.adamw(optim))
 
 
 def num_block_params(state: State) -> int:
@@ -231,14 +228,8 @@ def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: ja
   value = aux["block_loss"].sum() + aux["head_loss"]
   ok = core.update_ok(value, (g_blocks, g_shared, aux["updates"]), y, model.num_classes)
 
-  def update(state):
-    shared, opt_shared = _apply_shared(optim, state, g_shared)
-    params = state["blocks"]["params"]
-    upd, opt_blocks = jax.vmap(core.adamw(optim).update)(g_blocks, state["opt_blocks"], params)
-    blocks = {**state["blocks"], **aux["updates"], "params": optax.apply_updates(params, upd)}
-    return {**state, "blocks": blocks, "shared": shared, "opt_blocks": opt_blocks,
-            "opt_shared": opt_shared}
-
+  update = lambda state: core.stacked_update(core.adamw(optim), state, g_blocks, g_shared,
+                                             aux["updates"])
   metrics = {k: aux[k] for k in ("block_loss", "block_mse", "block_accuracy", "ce", "kl")}
   return core.apply_if(ok, update, state), {"loss": value, "skipped": core.skipped(ok), **metrics}
 
@@ -350,6 +341,11 @@ def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: j
 
   stoch = jax.vmap(sample)(jax.random.split(key, runs)) if runs else jnp.zeros((0,), jnp.int32)
   return correct(jnp.zeros(shape[1:]), jnp.zeros(shape)), stoch
+
+
+def block_calls(model: Model) -> int:
+  """Block calls to classify one batch: each block once."""
+  return model.T
 
 
 def describe(model: Model, compute: Compute, state: State) -> str:

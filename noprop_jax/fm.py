@@ -43,6 +43,7 @@ class Model:
       raise ValueError(f"need inference_steps >= 1 and num_classes >= 2, got "
                        f"{self.inference_steps}, {self.num_classes}")
     self.dim  # validates the embedding
+    core.check_block(self.block, TIME_CONDITIONED, NAME)
 
   dim = property(core.model_dim)  # d, the embedding's dimension
 
@@ -175,6 +176,11 @@ def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: j
   return core.eval_paths(lambda h, z: integrate(model, state, h, z),
                          partial(class_scores, model, state), features(model, state, x), y,
                          key, runs, model.dim)
+
+
+def block_calls(model: Model) -> int:
+  """Block calls to classify one batch: the block at every Euler step (its image pathway once)."""
+  return model.inference_steps
 
 
 def describe(model: Model, compute: Compute, state: State) -> str:
