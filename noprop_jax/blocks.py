@@ -1,8 +1,11 @@
-"""Provided blocks: the paper's (Figure 6) and MLPs for vectors; `make` picks one by name.
+"""Provided blocks: the paper's (Figure 6), MLPs for vectors, and a small ViT for images;
+`make` picks one by name.
 
 Any Flax module with a method's signature can be a block (see `core`); these
-are the provided ones. Each splits itself into `features` (the pathway that
-ignores z and t) and `from_features`, so inference runs that pathway once.
+are the provided ones. The paper's and the MLP blocks split themselves into `features`
+(the pathway that ignores z and t) and `from_features`, so inference runs that pathway
+once. The ViT blocks (`ViTBlock`, `ViTTimeBlock`: z is a token that attention mixes with
+the image's patches, t conditions every layer through adaLN-Zero) have no such pathway.
 
 Parameter counts of the paper's blocks match the paper's Table 5 exactly when convolutions are
 unpadded and pooling floors. DT: 919,946 (MNIST), 1,215,434 (CIFAR-10),
@@ -321,9 +324,156 @@ class MLPTimeBlock(MLPBlock):
     return self.from_features(self.features(x, train), z_BD, t_B, train)
 
 
+# ----------------------------------------------------------------------------- ViT blocks
+
+def check_patch(image_HW: tuple[int, ...], patch: int) -> None:
+  """Patches are non-overlapping and cover the image: the patch side must divide H and W."""
+  h, w = image_HW
+  if h % patch or w % patch:
+    g = math.gcd(h, w)
+    fits = [d for d in range(1, g + 1) if g % d == 0]
+    raise ValueError(f"patch size {patch} does not divide images of {h} x {w} pixels; choose a "
+                     f"patch size that divides both, one of {fits}")
+
+
+def patchify(x_BHWC: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H / p) * (W / p), p * p * C]: row-major patches, each flattened."""
+  b, h, w, c = x_BHWC.shape
+  check_patch((h, w), patch)
+  x = x_BHWC.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+class AddPosition(nn.Module):
+  """A learned position embedding added to tokens [B, L, W], sized by the first call."""
+
+  @nn.compact
+  def __call__(self, h_BLW: jax.Array) -> jax.Array:
+    pos_LW = self.param("embedding", nn.initializers.normal(0.02), h_BLW.shape[1:])
+    return h_BLW + pos_LW[None]
+
+
+def _modulate(h_BLW: jax.Array, shift_BW: jax.Array, scale_BW: jax.Array) -> jax.Array:
+  return h_BLW * (1 + scale_BW[:, None, :]) + shift_BW[:, None, :]
+
+
+class TransformerLayer(nn.Module):
+  """Pre-LayerNorm self-attention and GELU MLP, each a residual branch with dropout.
+
+  With a conditioning vector c (`__call__`'s c_BW), DiT's adaLN-Zero: the LayerNorms
+  have no scale or bias of their own; shift, scale and a gate of each branch come from a
+  zero-initialised Dense on SiLU(c), so every branch starts gated off."""
+
+  width: int
+  heads: int
+  mlp_ratio: int = 2
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, h_BLW: jax.Array, c_BW: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    adaptive = c_BW is not None
+    if adaptive:
+      mod = nn.Dense(6 * self.width, kernel_init=nn.initializers.zeros, name="adaln")(nn.silu(c_BW))
+      shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    norm = lambda name: nn.LayerNorm(use_bias=not adaptive, use_scale=not adaptive, name=name)
+
+    a = norm("norm_attn")(h_BLW)
+    a = _modulate(a, shift1, scale1) if adaptive else a
+    a = nn.MultiHeadDotProductAttention(self.heads, qkv_features=self.width,
+                                        out_features=self.width, name="attn")(a, a)
+    a = drop(a)
+    h_BLW = h_BLW + (gate1[:, None, :] * a if adaptive else a)
+
+    m = norm("norm_mlp")(h_BLW)
+    m = _modulate(m, shift2, scale2) if adaptive else m
+    m = nn.gelu(nn.Dense(self.width * self.mlp_ratio, name="mlp_in")(m))
+    m = drop(nn.Dense(self.width, name="mlp_out")(m))
+    return h_BLW + (gate2[:, None, :] * m if adaptive else m)
+
+
+class ViTBlock(nn.Module):
+  """A small Vision Transformer block for images: (x, z) -> logits.
+
+  patch x patch patches -> Dense(width) with learned positions; the noisy label
+  z -> Dense(width) is the first token in place of a CLS token, and the logits are read
+  from it after `layers` pre-LN transformer layers and a final LayerNorm. Attention mixes
+  the label token with the image tokens, so no pathway is independent of z: there is no
+  `features` / `from_features` split.
+  """
+
+  num_classes: int
+  patch: int = 4
+  width: int = 64
+  layers: int = 2
+  heads: int = 4
+  mlp_ratio: int = 2
+  dropout: float = 0.0
+
+  adaptive = False  # adaLN-Zero conditioning (`ViTTimeBlock`); not a field
+
+  def setup(self):
+    if self.width % self.heads:
+      raise ValueError(f"the ViT's width {self.width} must be divisible by its number of "
+                       f"attention heads {self.heads}")
+    self.patch_embed = nn.Dense(self.width)
+    self.patch_pos = AddPosition()
+    self.label_embed = nn.Dense(self.width)
+    self.label_pos = AddPosition()
+    self.stack = [TransformerLayer(self.width, self.heads, self.mlp_ratio, self.dropout)
+                  for _ in range(self.layers)]
+    self.norm = nn.LayerNorm(use_bias=not self.adaptive, use_scale=not self.adaptive)
+    self.head = nn.Dense(self.num_classes)
+
+  def _tokens(self, x_BHWC: jax.Array, z_BD: jax.Array) -> jax.Array:
+    """[B, 1 + patches, width]: the label token, then the image's."""
+    img_BLW = self.patch_pos(self.patch_embed(patchify(x_BHWC, self.patch)))
+    lab_B1W = self.label_pos(self.label_embed(z_BD)[:, None, :])
+    return jnp.concatenate([lab_B1W, img_BLW], axis=1)
+
+  def __call__(self, x_BHWC: jax.Array, z_BD: jax.Array, train: bool = False) -> jax.Array:
+    h_BLW = self._tokens(x_BHWC, z_BD)
+    for layer in self.stack:
+      h_BLW = layer(h_BLW, None, train)
+    return self.head(self.norm(h_BLW[:, 0]))
+
+
+class ViTTimeBlock(ViTBlock):
+  """`ViTBlock` conditioned on t: (x, z, t) -> logits, t of shape [B] or a scalar.
+
+  c = Dense-SiLU-Dense of t's sinusoidal embedding drives adaLN-Zero in every layer and
+  in the final norm (shift and scale, zero-initialised). At initialisation every
+  residual branch is gated off and the output does not depend on t (nor on x): the
+  gates learn first, as in DiT.
+  """
+
+  t_dim: int = 64
+
+  adaptive = True
+
+  def setup(self):
+    super().setup()
+    self.t_embed = nn.Dense(self.width)
+    self.t_mix = nn.Dense(self.width)
+    self.final_mod = nn.Dense(2 * self.width, kernel_init=nn.initializers.zeros)
+
+  def __call__(self, x_BHWC: jax.Array, z_BD: jax.Array, t_B: jax.Array,
+               train: bool = False) -> jax.Array:
+    h_BLW = self._tokens(x_BHWC, z_BD)
+    e = sinusoidal_embedding(jnp.asarray(t_B), self.t_dim).astype(h_BLW.dtype)
+    c = self.t_mix(nn.silu(self.t_embed(e)))
+    c_BW = jnp.broadcast_to(c, (h_BLW.shape[0], self.width))  # a scalar t serves the batch
+    for layer in self.stack:
+      h_BLW = layer(h_BLW, c_BW, train)
+    shift_BW, scale_BW = jnp.split(self.final_mod(nn.silu(c_BW)), 2, axis=-1)
+    h_BW = self.norm(h_BLW[:, 0]) * (1 + scale_BW) + shift_BW
+    return self.head(h_BW)
+
+
 # ----------------------------------------------------------------------------- by name
 
-NAMES = ("paper", "mlp")
+NAMES = ("paper", "mlp", "vit")
 CONV_IMPLS = ("auto", "xla", "patches", "gemm")
 
 
@@ -331,11 +481,15 @@ CONV_IMPLS = ("auto", "xla", "patches", "gemm")
 class BlockConfig:
   """Which provided block, and its options."""
 
-  block: str = "paper"  # paper (Figure 6, images) | mlp (inputs of any shape)
-  dropout: float = 0.2  # dropout rate (paper: after each conv; mlp: after each input layer)
+  block: str = "paper"  # paper (Figure 6, images) | mlp (inputs of any shape) | vit (images)
+  dropout: float = 0.2  # dropout rate (paper: after each conv; mlp: after each input layer; vit: residual branches)
   conv_impl: str = "auto"  # paper block's convolution: auto | xla | patches | gemm
   hidden: int = 256  # mlp: width of every layer
   depth: int = 2  # mlp: layers on the input before it meets z (and t)
+  patch_size: int = 4  # vit: patch side in pixels (must divide the image's height and width)
+  vit_width: int = 64  # vit: token width
+  vit_layers: int = 2  # vit: transformer layers per block
+  vit_heads: int = 4  # vit: attention heads (must divide --vit-width)
 
   def __post_init__(self):
     if self.block not in NAMES:
@@ -346,6 +500,14 @@ class BlockConfig:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
     if self.hidden < 1 or self.depth < 0:
       raise ValueError(f"hidden must be >= 1 and depth >= 0, got {self.hidden}, {self.depth}")
+    vit = dict(patch_size=self.patch_size, vit_width=self.vit_width,
+               vit_layers=self.vit_layers, vit_heads=self.vit_heads)
+    for name, value in vit.items():
+      if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    if self.vit_width % self.vit_heads:
+      raise ValueError(f"vit_width {self.vit_width} must be divisible by vit_heads "
+                       f"{self.vit_heads} (each head gets width / heads channels)")
 
 
 def resolve_conv_impl(conv_impl: str, looped: bool) -> str:
@@ -370,15 +532,21 @@ def make(cfg: BlockConfig, time_conditioned: bool, num_classes: int,
   """The block `cfg` names, for (x, z) (or (x, z, t) when `time_conditioned`).
 
   `prototype`: z is a prototype embedding of the input's size, which the paper's blocks
-  read as an image through their own copy of the image pathway. `looped`: the blocks run
-  under vmap or in a loop (picks the CPU convolution); resolved here, before tracing.
+  read as an image through their own copy of the image pathway (the MLP and ViT blocks
+  read it as any vector). `looped`: the blocks run under vmap or in a loop (picks the
+  CPU convolution); resolved here, before tracing.
   """
   if cfg.block == "mlp":
     cls = MLPTimeBlock if time_conditioned else MLPBlock
     return cls(num_classes, cfg.hidden, cfg.depth, cfg.dropout)
   if len(input_shape) != 3:
-    raise ValueError(f"the paper block takes images [H, W, C]; inputs of shape "
+    raise ValueError(f"the {cfg.block} block takes images [H, W, C]; inputs of shape "
                      f"{tuple(input_shape)} need another block (e.g. block 'mlp')")
+  if cfg.block == "vit":
+    check_patch(input_shape[:2], cfg.patch_size)
+    cls = ViTTimeBlock if time_conditioned else ViTBlock
+    return cls(num_classes, cfg.patch_size, cfg.vit_width, cfg.vit_layers, cfg.vit_heads,
+               dropout=cfg.dropout)
   cls = CTBlock if time_conditioned else DTBlock
   return cls(num_classes, padding_for(input_shape), cfg.dropout,
              resolve_conv_impl(cfg.conv_impl, looped),
