@@ -1,14 +1,16 @@
 """NoProp in JAX: networks trained as independent denoising blocks.
 
-One module per method (`dt`, `ct`, `fm`, and the baselines `backprop`, `adjoint`), each
-with a `Model` (your Flax block, the input shape, the number of classes, the method's
-settings), `init`, `loss`, `train_step` / `make_train_step`, `predict` and `eval_counts`.
+One module per method (`dt`, `ct`, `fm`, their successor `diffusion_blocks`, and the
+baselines `backprop`, `adjoint`, `local`), each with a `Model` (your Flax block, the input
+shape, the number of classes, the method's settings), `init`, `loss`, `train_step` /
+`make_train_step`, `predict`, `eval_counts` and `block_calls`.
 `core` holds what they share, `blocks` the provided blocks.
 """
 
-from noprop_jax import adjoint, backprop, blocks, core, ct, data, dt, fm, schedule, solvers
+from noprop_jax import (adjoint, backprop, blocks, core, ct, data, diffusion_blocks, dt, fm, local,
+                        schedule, solvers)
 from noprop_jax.core import Compute, Optim
 
-__all__ = ["Compute", "Optim", "adjoint", "backprop", "blocks", "core", "ct", "data", "dt", "fm",
-           "schedule", "solvers"]
+__all__ = ["Compute", "Optim", "adjoint", "backprop", "blocks", "core", "ct", "data",
+           "diffusion_blocks", "dt", "fm", "local", "schedule", "solvers"]
 __version__ = "0.3.0"

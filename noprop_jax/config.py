@@ -19,14 +19,15 @@ import re
 import typing
 from typing import Any
 
-from noprop_jax import adjoint, backprop, core, ct, dt, fm
+from noprop_jax import adjoint, backprop, core, ct, diffusion_blocks, dt, fm, local
 from noprop_jax.blocks import BlockConfig
 
-METHODS = {"dt": dt, "ct": ct, "fm": fm, "backprop": backprop, "adjoint": adjoint}
+METHODS = {"dt": dt, "ct": ct, "fm": fm, "backprop": backprop, "adjoint": adjoint,
+           "diffusion_blocks": diffusion_blocks, "local": local}
 NOT_SETTINGS = ("block", "input_shape", "num_classes")  # Model fields the data and block fill
 NAMED_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
 TRAININGS = ("parallel", "sequential")
-BF16_METHODS = ("dt", "ct", "fm")
+BF16_METHODS = ("dt", "ct", "fm", "diffusion_blocks")
 
 # Paper Table 4's epochs per dataset: DT and backprop, CT and FM, the adjoint. Digits
 # (not in the paper) and a user's .npz file take budgets sized for a CPU.
@@ -60,9 +61,9 @@ class TrainConfig:
   grad_clip: float = 1.0  # clip each block (DT), parameter group (CT/FM) or network by its own gradient norm; 0: off
   training: str = "parallel"  # parallel: every block every step | sequential: Algorithm 1 (DT)
   formulation: str = "auto"  # how a step maps over stacked blocks: auto | vmap | unroll | scan
-  blocks_per_step: int = 0  # DT: blocks computed at once, a divisor of T (0: all that fit)
+  blocks_per_step: int = 0  # dt, diffusion_blocks: blocks computed at once, a divisor of T (0: all that fit)
   precision: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
-  mesh: str = ""  # device mesh blocks=B,data=D (blocks: DT only); empty: one device
+  mesh: str = ""  # device mesh blocks=B,data=D (blocks: dt, diffusion_blocks); empty: one device
   inference: str = "mean"  # inference mode of test_accuracy: mean | stochastic
   inference_runs: int = 5  # sampled inference runs averaged in the summary
   eval_every: int = 0  # epochs between test evaluations (0: 1, or 10 for CT/FM on digits)
@@ -115,7 +116,7 @@ def method_settings(method: str) -> dict[str, dataclasses.Field]:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  method: str = "dt"  # dt | ct | fm (NoProp) | backprop | adjoint (the paper's baselines)
+  method: str = "dt"  # dt | ct | fm (NoProp) | backprop | adjoint (the paper's baselines) | diffusion_blocks | local (greedy local learning)
   model: dict = dataclasses.field(default_factory=dict)  # the method's settings, by name
   block: BlockConfig = BlockConfig()
   data: DataConfig = DataConfig()
@@ -165,15 +166,15 @@ class RunConfig:
     if tr.training == "sequential" and not hasattr(mod, "sequential_step"):
       raise ValueError(f"--training sequential is NoProp-DT's (Algorithm 1), not {self.method}'s")
     if tr.precision != "float32" and self.method not in BF16_METHODS:
-      raise ValueError(f"--precision {tr.precision} is implemented for NoProp-DT, -CT and -FM, "
-                       f"not {self.method}")
+      raise ValueError(f"--precision {tr.precision} is implemented for NoProp-DT, -CT, -FM and "
+                       f"DiffusionBlocks, not {self.method}")
     if tr.blocks_per_step and not mod.STACKED:
-      raise ValueError(f"--blocks-per-step is NoProp-DT's (its T blocks in one step), not "
-                       f"{self.method}'s")
+      raise ValueError(f"--blocks-per-step is for methods whose T blocks train side by side in "
+                       f"one step (dt, diffusion_blocks), not {self.method}")
     if mesh["blocks"] > 1:
       if not mod.STACKED:
-        raise ValueError(f"a 'blocks' mesh axis shards NoProp-DT's blocks; {self.method} has "
-                         f"none to shard (use data=N), got --mesh {tr.mesh}")
+        raise ValueError(f"a 'blocks' mesh axis shards side-by-side blocks (dt, diffusion_blocks); "
+                         f"{self.method} has none to shard (use data=N), got --mesh {tr.mesh}")
       if T % mesh["blocks"]:
         raise ValueError(f"the mesh's blocks={mesh['blocks']} must divide T={T}")
       if tr.training == "sequential":

@@ -44,13 +44,16 @@ def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int,
   method = METHODS[cfg.method]
   looped = bool(method.STACKED) and (compute.formulation != "unroll"
                                      or compute.blocks_per_step < cfg.T)
-  block = blocks.make(cfg.block, method.TIME_CONDITIONED, num_classes, tuple(input_shape),
+  # The block's output size: the classes' logits, or another size the method asks for.
+  out = method.block_outputs(cfg.model, num_classes) if hasattr(method, "block_outputs") else num_classes
+  block = blocks.make(cfg.block, method.TIME_CONDITIONED, out, tuple(input_shape),
                       prototype=cfg.model.get("embedding") == "prototype", looped=looped)
   return method.Model(block, tuple(input_shape), num_classes, **cfg.model)
 
 
 def resolve_compute(cfg: RunConfig) -> core.Compute:
-  return cfg.train.compute.resolve(cfg.T, cfg.train.mesh_shape["blocks"])
+  auto = getattr(METHODS[cfg.method], "AUTO_FORMULATION", None)
+  return cfg.train.compute.resolve(cfg.T, cfg.train.mesh_shape["blocks"], auto)
 
 
 def init_state(cfg: RunConfig, model, key: jax.Array, inputs=None, labels=None):

@@ -71,6 +71,15 @@ def main():
                                   jax.tree.leaves(state["opt_blocks"])[0].addressable_shards],
         "head_replicated": all(sh.data.shape == state["shared"]["head"]["kernel"].shape
                                for sh in state["shared"]["head"]["kernel"].addressable_shards)}
+  # DiffusionBlocks shares NoProp-DT's stacked machinery: its blocks split on 'blocks' too.
+  c = dict(method="diffusion_blocks", dataset="digits", T=4, batch_size=64, block="mlp", hidden=64,
+           formulation="vmap")
+  ref_d, _ = run(RunConfig.create(**c))
+  state, _ = run(RunConfig.create(**c, mesh="blocks=4,data=2"))
+  leaf = jax.tree.leaves(state["blocks"]["params"])[0]
+  out["diffusion_blocks blocks=4,data=2"] = {
+      "diff": max_diff(ref_d, state),
+      "blocks_per_device": [int(sh.data.shape[0]) for sh in leaf.addressable_shards]}
   for method in ("ct",):
     # Data parallelism does not depend on the block: a small MLP keeps the check fast.
     c = dict(method=method, dataset="digits", batch_size=64, block="mlp", hidden=64)

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noprop_jax import adjoint, backprop, blocks, core, ct, dt, fm
+from noprop_jax import adjoint, backprop, blocks, core, ct, diffusion_blocks, dt, fm, local
 from noprop_jax.core import Compute, Optim
 
-METHODS = {"dt": dt, "ct": ct, "fm": fm, "backprop": backprop, "adjoint": adjoint}
+METHODS = {"dt": dt, "ct": ct, "fm": fm, "backprop": backprop, "adjoint": adjoint,
+           "diffusion_blocks": diffusion_blocks, "local": local}
 SHAPE, M, B = (8,), 10, 4
 # These tiny programs run a few times each: compiling them without XLA's costlier passes
 # halves the file's time, and what is checked (which values are kept) does not depend on it.
@@ -30,8 +31,11 @@ class BNBlock(nn.Module):
 
 
 def _model(name: str):
-  if name in ("dt", "backprop"):
+  if name in ("dt", "backprop", "local"):
     return METHODS[name].Model(BNBlock(), SHAPE, M, T=2)
+  if name == "diffusion_blocks":  # its blocks output d = embedding_dim features
+    return METHODS[name].Model(blocks.MLPTimeBlock(M, hidden=8, depth=1, t_dim=4), SHAPE, M, T=2,
+                               embedding_dim=M)
   return METHODS[name].Model(blocks.MLPTimeBlock(M, hidden=8, depth=1, t_dim=4), SHAPE, M,
                              inference_steps=2)
 

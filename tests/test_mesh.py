@@ -31,6 +31,8 @@ def test_sharded_steps_on_eight_simulated_devices_match_one_device():
     assert r["blocks_per_device"] == [4 // blocks] * 8, case
     assert r["opt_blocks_per_device"] == [4 // blocks] * 8, case
     assert r["head_replicated"], case
+  r = result["diffusion_blocks blocks=4,data=2"]  # the same machinery for DiffusionBlocks
+  assert r["diff"] <= 1.0 and r["blocks_per_device"] == [1] * 8, r
   assert result["ct data=8"]["diff"] <= 1.0  # CT splits its batch over 'data'
   r = result["train blocks=2,data=4"]  # the training loop itself on a mesh
   assert r["mesh"] == {"blocks": 2, "data": 4}

@@ -71,6 +71,22 @@ def test_resume_after_interruption_is_exact(tmp_path):
   assert la[1]["test_accuracy"] == lb[1]["test_accuracy"]
 
 
+@pytest.mark.parametrize("method", ["diffusion_blocks", "local"])
+def test_resume_is_exact_for_every_state_layout(method, tmp_path):
+  """Stacked blocks with shared parts (DiffusionBlocks) and a per-block optimizer over the
+  whole parameter tree (local learning) checkpoint and resume bit for bit too."""
+  cfg = dict(method=method, epochs=2, block="mlp", hidden=32)
+  a, b = tmp_path / "a", tmp_path / "b"
+  _run(a, cfg=cfg, checkpoint_every=4)
+  assert _run(b, cfg=cfg, checkpoint_every=4, stop_at_step=14) is None
+  assert _state(b)[1] == 12
+  sb = _run(b, cfg=cfg, checkpoint_every=4)
+  (xa, _), (xb, step) = _state(a), _state(b)
+  assert step == 22 and sb["config"]["method"] == method
+  for x, y in zip(jax.tree.leaves(xa), jax.tree.leaves(xb)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_same_seed_same_result_other_seed_differs(tmp_path):
   s1 = _run(tmp_path / "1", cfg=dict(epochs=1))
   s2 = _run(tmp_path / "2", cfg=dict(epochs=1))
