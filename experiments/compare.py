@@ -1,0 +1,149 @@
+"""NoProp, its successors and their baselines side by side, on the same blocks: one table.
+
+  python experiments/compare.py --out runs/compare_digits                  # embedded digits, CPU minutes
+  python experiments/compare.py --dataset mnist --data-dir ../shared/data/mnist --epochs 1 \\
+      --out runs/compare_mnist
+  python experiments/compare.py --dataset fashion_mnist --data-dir ~/data/fashion_mnist --epochs 1 \\
+      --out runs/compare_fashion
+  python experiments/compare.py --methods diffusion_blocks local --blocks paper --epochs 1 ...
+  python experiments/compare.py --report-only --out runs/compare_mnist     # table what is finished
+
+Rows are method x block: methods dt, ct, fm (NoProp), diffusion_blocks, local (greedy
+local learning) and backprop; blocks `paper` (the paper's CNN, with its time input for
+ct, fm and diffusion_blocks) and `vit` (the library's small ViT). Every other setting is
+the method's default (`RunConfig.create`), with --epochs and --inference-steps (ct, fm)
+for all rows. Columns: test accuracy (mean path), training seconds per epoch, XLA's
+memory analysis of one compiled training step (arguments + outputs - donated +
+temporaries, batch --batch-size), and the block calls needed to classify a batch.
+
+Each row trains in OUT/runs/<method>_<block> (rerunning resumes; finished rows are
+kept). OUT/results.md and OUT/results.json hold the table of every finished row.
+"""
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import jax
+
+from noprop_jax import core, trainer
+from noprop_jax.config import METHODS, RunConfig
+from reproduce import Datasets, fmt_duration
+
+ORDER = ("dt", "ct", "fm", "diffusion_blocks", "local", "backprop")
+BLOCKS = ("paper", "vit")
+NAMES = {m: METHODS[m].NAME for m in ORDER}
+
+
+def row_config(method: str, block: str, dataset: str, epochs: int | None,
+               inference_steps: int | None, batch_size: int, seed: int = 0) -> RunConfig:
+  settings = dict(dataset=dataset, block=block, epochs=epochs, batch_size=batch_size, seed=seed,
+                  inference_runs=1)
+  if method in ("ct", "fm"):
+    settings["inference_steps"] = inference_steps
+  return RunConfig.create(method, **settings)
+
+
+def step_memory(cfg: RunConfig, input_shape, num_classes: int) -> int | None:
+  """XLA's memory analysis of the row's jitted training step on one batch, state donated."""
+  compute, model = trainer.resolve_compute(cfg), None
+  model = trainer.build_model(cfg, input_shape, num_classes, compute)
+  method = METHODS[cfg.method]
+  state = jax.eval_shape(lambda: trainer.init_state(cfg, model, jax.random.key(0)))
+  B = cfg.train.batch_size
+  x = jax.ShapeDtypeStruct((B, *input_shape), jax.numpy.uint8)
+  y = jax.ShapeDtypeStruct((B,), jax.numpy.int32)
+  step = jax.jit(partial(method.train_step, model, cfg.train.optim, compute), donate_argnums=0)
+  return core.peak_bytes(step.lower(state, x, y).compile())
+
+
+def run_row(cfg: RunConfig, workdir: Path, ds, print_fn=print) -> dict:
+  """Train (or resume) one row and return its table entry."""
+  if (workdir / "summary.json").exists():
+    s = json.loads((workdir / "summary.json").read_text())
+  else:
+    s = trainer.train(cfg, workdir, dataset=ds, progress=False, print_fn=print_fn)
+  compute = trainer.resolve_compute(cfg)
+  shape, m = tuple(s["input_shape"]), s["num_classes"]
+  model = trainer.build_model(cfg, shape, m, compute)
+  return {"method": cfg.method, "block": cfg.block.block,
+          "test_accuracy": s["test_accuracy_mean_path"],
+          "test_accuracy_stochastic": s["test_accuracy_stochastic"],
+          "seconds_per_epoch": s["train_seconds"] / max(s["epochs"], 1e-9),
+          "epochs": s["epochs"], "params_per_block": s["params_per_block"],
+          "step_memory_bytes": step_memory(cfg, shape, m),
+          "block_calls": METHODS[cfg.method].block_calls(model),
+          "blocks": cfg.T, "dataset": s["data_source"], "backend": s["backend"]}
+
+
+def table(results: list[dict]) -> str:
+  rows = ["| method | block | test acc | s / epoch | memory / step | block calls | params / block |",
+          "|---|---|---:|---:|---:|---:|---:|"]
+  for r in results:
+    mem = r["step_memory_bytes"]
+    rows.append(f"| {NAMES[r['method']]} | {r['block']} | {100 * r['test_accuracy']:.2f} | "
+                f"{fmt_duration(r['seconds_per_epoch'])} | "
+                f"{'n/a' if mem is None else f'{mem / 2**20:.0f} MiB'} | {r['block_calls']} | "
+                f"{r['params_per_block']:,} |")
+  return "\n".join(rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--dataset", default="digits", help="digits (embedded), mnist, fashion_mnist, ...")
+  p.add_argument("--data-dir", default=None, help="the dataset's original files (else TFDS)")
+  p.add_argument("--methods", nargs="+", default=list(ORDER), choices=ORDER)
+  p.add_argument("--blocks", nargs="+", default=list(BLOCKS), choices=BLOCKS)
+  p.add_argument("--epochs", type=int, default=None, help="every row's epochs (default: the method's)")
+  p.add_argument("--inference-steps", type=int, default=None, help="ct, fm: Euler steps (default 1000)")
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--train-size", type=int, default=None, help="the first N training examples only")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default="runs/compare")
+  p.add_argument("--report-only", action="store_true", help="table the finished rows; train none")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  for name in ("epochs", "inference_steps", "train_size"):
+    v = getattr(args, name)
+    if v is not None and v < 1:
+      print(f"error: --{name.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
+      return 2
+  out = Path(args.out)
+  datasets = Datasets(args.data_dir, train_size=args.train_size)
+  results, failed = [], []
+  for method in [m for m in ORDER if m in args.methods]:
+    for block in [b for b in BLOCKS if b in args.blocks]:
+      tag, workdir = f"[{method} {block}]", out / "runs" / f"{method}_{block}"
+      if args.report_only and not (workdir / "summary.json").exists():
+        continue
+      try:
+        cfg = row_config(method, block, args.dataset, args.epochs, args.inference_steps,
+                         args.batch_size, args.seed)
+        r = run_row(cfg, workdir, datasets.get(args.dataset),
+                    lambda msg: print(f"{tag} {msg}", flush=True))
+      except Exception as e:  # one row's failure stops only that row
+        print(f"{tag} error: {type(e).__name__}: {e}", file=sys.stderr)
+        failed.append(f"{method}/{block}")
+        continue
+      results.append(r)
+      print(f"{tag} test accuracy {r['test_accuracy']:.4f}, {r['seconds_per_epoch']:.0f} s per "
+            f"epoch", flush=True)
+      out.mkdir(parents=True, exist_ok=True)
+      (out / "results.json").write_text(json.dumps(results, indent=1))
+      (out / "results.md").write_text(
+          f"`python experiments/compare.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+          + table(results) + "\n")
+  print(table(results))
+  if failed:
+    print(f"error: rows that failed: {' '.join(failed)}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
