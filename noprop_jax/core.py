@@ -531,6 +531,13 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def chain_compute(T: int, compute: Compute | None) -> Compute:
+  """How inference runs T stacked blocks, all at once: unrolled where the training step
+  unrolls (XLA:CPU), else 'vmap' (`map_blocks` vmaps, `fold_blocks` scans the chain)."""
+  form = (compute or Compute()).resolve(T).formulation
+  return Compute("unroll" if form == "unroll" else "vmap")
+
+
 def map_blocks(fn: Callable, xs: Any, compute: Compute) -> Any:
   """fn(x_t) over the leading T axis of the pytree `xs`, stacked, as `compute` says.
 

@@ -280,12 +280,6 @@ def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Com
 
 # ----------------------------------------------------------------------------- inference
 
-def _inference_compute(model: Model, compute: Compute | None) -> Compute:
-  """The blocks in a chain, unrolled where the training step unrolls (XLA:CPU)."""
-  form = (compute or Compute()).resolve(model.T).formulation
-  return Compute("unroll" if form == "unroll" else "vmap")
-
-
 def sample(model: Model, compute: Compute, state: State, x: jax.Array, z0: jax.Array) -> jax.Array:
   """Class logits [B, m] from z0 at sigma_max: at each level sigma_b of `inference_levels`,
   block b's D, the class-weighted embedding softmax(logits) @ E as the estimate of e_y,
@@ -315,7 +309,7 @@ def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = No
   """Class logits [B, m]. mode 'mean': z starts at 0 (z's mean at sigma_max);
   'stochastic': z ~ N(0, (1 + sigma_max^2) I), needs `key`."""
   core.check_predict(model, x, mode, key)
-  return _predict(model, _inference_compute(model, compute), state, x, key, mode)
+  return _predict(model, core.chain_compute(model.T, compute), state, x, key, mode)
 
 
 @partial(jax.jit, static_argnames=("model", "compute", "mode"))
@@ -328,7 +322,7 @@ def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: j
                 key: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
   """(correct from z = 0, [runs] correct from sampled starts) on one batch."""
   core.check_batch(model, x, y, padding=True)
-  compute = _inference_compute(model, compute)
+  compute = core.chain_compute(model.T, compute)
   solve = lambda x, z0: sample(model, compute, state, x, start_noise_std(model) * z0)
   return core.eval_paths(solve, lambda logits: logits, core.to_float(x), y, key, runs, model.dim)
 

@@ -271,12 +271,6 @@ def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Com
 
 # ----------------------------------------------------------------------------- inference
 
-def _inference_compute(model: Model, compute: Compute | None) -> Compute:
-  """All T blocks at once, unrolled where the training step unrolls (XLA:CPU)."""
-  form = (compute or Compute()).resolve(model.T).formulation
-  return Compute("unroll" if form == "unroll" else "vmap")
-
-
 def features(model: Model, compute: Compute, state: State, x: jax.Array) -> jax.Array | None:
   """Each block's z-independent pathway on x, [T, B, ...], computed once per input;
   None for a block without the split (the chain then runs whole blocks)."""
@@ -311,7 +305,7 @@ def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = No
   sampling, z_0 ~ N(0, I) and eps_t ~ N(0, I), needs `key`.
   """
   core.check_predict(model, x, mode, key)
-  return _predict(model, _inference_compute(model, compute), state, x, key, mode)
+  return _predict(model, core.chain_compute(model.T, compute), state, x, key, mode)
 
 
 @partial(jax.jit, static_argnames=("model", "compute", "mode"))
@@ -329,7 +323,7 @@ def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: j
   """(correct with the mean path, [runs] correct with sampling) on one batch; each block's
   `features` run once, for all paths. Labels -1 (padding) never count."""
   core.check_batch(model, x, y, padding=True)
-  compute = _inference_compute(model, compute)
+  compute = core.chain_compute(model.T, compute)
   feats = features(model, compute, state, x)
   shape = (model.T, y.shape[0], model.dim)
   correct = lambda z0, eps: core.count_correct(
