@@ -1,0 +1,87 @@
+"""experiments/continual.py: task splits and permutations, the metrics against a hand-computed
+R matrix, the task-incremental restriction, and one run end to end on the digits."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import continual  # noqa: E402
+from noprop_jax import data  # noqa: E402
+
+DIGITS = data.load("digits")
+
+
+def test_split_tasks_hold_exactly_their_two_classes_and_every_example():
+  tasks = continual.split_tasks(DIGITS)
+  assert [t.classes for t in tasks] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+  for t in tasks:
+    for split, full in ((t.train, DIGITS.train), (t.test, DIGITS.test)):
+      assert set(np.unique(split.labels)) == set(t.classes)
+      want = np.isin(full.labels, t.classes)
+      np.testing.assert_array_equal(split.images, full.images[want])
+  assert sum(len(t.train.labels) for t in tasks) == len(DIGITS.train.labels)
+  with pytest.raises(ValueError, match="do not split"):
+    continual.split_tasks(DIGITS, classes_per_task=3)
+
+
+def test_permutations_are_seeded_fixed_and_applied_to_train_and_test_alike():
+  a, b = continual.permuted_tasks(DIGITS, 3, seed=0), continual.permuted_tasks(DIGITS, 3, seed=0)
+  c = continual.permuted_tasks(DIGITS, 3, seed=1)
+  perms = continual.permutations(3, 64, 0)
+  assert all(sorted(p) == list(range(64)) for p in perms) and len({tuple(p) for p in perms}) == 3
+  for k in range(3):
+    np.testing.assert_array_equal(a[k].train.images, b[k].train.images)
+    assert not np.array_equal(a[k].train.images, c[k].train.images)
+    flat = DIGITS.test.images.reshape(len(DIGITS.test.labels), -1)
+    np.testing.assert_array_equal(a[k].test.images.reshape(len(flat), -1), flat[:, perms[k]])
+    np.testing.assert_array_equal(a[k].train.labels, DIGITS.train.labels)
+    assert a[k].classes == tuple(range(10))
+
+
+def test_metrics_against_a_hand_computed_matrix():
+  R = np.array([[0.9, 0.1, 0.0],
+                [0.6, 0.8, 0.2],
+                [0.3, 0.5, 0.7]])
+  assert continual.average_accuracy(R) == pytest.approx((0.3 + 0.5 + 0.7) / 3)
+  # BWT: (R[2,0] - R[0,0] + R[2,1] - R[1,1]) / 2 = (-0.6 - 0.3) / 2
+  assert continual.backward_transfer(R) == pytest.approx(-0.45)
+  # forgetting: (max(0.9, 0.6) - 0.3 + max(0.1, 0.8) - 0.5) / 2 = (0.6 + 0.3) / 2
+  assert continual.forgetting(R) == pytest.approx(0.45)
+  # A task that improves later: BWT counts the gain, forgetting the drop from its best.
+  R2 = np.array([[0.5, 0.0], [0.9, 0.8]])
+  assert continual.backward_transfer(R2) == pytest.approx(0.4)
+  assert continual.forgetting(R2) == pytest.approx(-0.4)
+  assert continual.backward_transfer(R[:1, :1]) == continual.forgetting(R[:1, :1]) == 0.0
+
+
+def test_restricted_prediction_never_leaves_the_tasks_classes():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(500, 10)) * 5
+  logits[:, 9] += 100  # the unrestricted argmax is always another task's class
+  for classes in ((0, 1), (4, 5), (8, 9)):
+    pred = continual.restricted_predictions(logits, classes)
+    assert set(np.unique(pred)) <= set(classes)
+    np.testing.assert_array_equal(pred, np.asarray(classes)[np.argmax(logits[:, list(classes)], -1)])
+
+
+def test_one_run_end_to_end_on_the_digits(tmp_path):
+  argv = ["--dataset", "digits", "--methods", "dt", "--steps-per-task", "30", "--seeds", "2",
+          "--out", str(tmp_path)]
+  assert continual.main(argv) == 0
+  (r,) = json.loads((tmp_path / "results.json").read_text())
+  assert set(r["R"]) == {"class_il", "task_il"} and len(r["R"]["class_il"]) == 2
+  R = np.asarray(r["R"]["class_il"][0])
+  assert R.shape == (5, 5)
+  assert R[0, 0] > 0.8  # the first task is learnt
+  assert np.all(np.triu(R, 1) == 0)  # class-incremental: unseen classes are never predicted
+  T = np.asarray(r["R"]["task_il"][0])
+  assert np.all(T >= R - 1e-9)  # knowing the task can only help
+  assert np.mean(r["joint"]["class_il"][0]) > 0.8
+  md = (tmp_path / "results.md").read_text()
+  assert "| class-incremental | NoProp-DT | mlp |" in md and "| task-incremental |" in md
+  assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 0
+  assert (tmp_path / "plots" / "R_split.png").stat().st_size > 0
