@@ -17,7 +17,9 @@ each task it is tested on every task: R[i, j] = test accuracy on task j after tr
 task i (mean path). From R: average accuracy ACC = mean_j R[T, j]; backward transfer
 BWT = mean_{j<T} (R[T, j] - R[j, j]); forgetting = mean_{j<T} (max_{l<T} R[l, j] -
 R[T, j]). The joint upper bound trains the same model on all tasks at once for the same
-number of steps and is tested on each task.
+number of steps and is tested on each task. Method `plain` is the literature's reference,
+a plain 2 x 400 MLP classifier trained by back-propagation, to check the protocol
+against the published fine-tuning figures.
 
 OUT/results.md (mean ± standard error over seeds), OUT/results.json (every R matrix),
 OUT/plots/accuracy.png (accuracy on each task as tasks are learnt, one panel per
@@ -42,6 +44,7 @@ from noprop_jax.config import METHODS, RunConfig
 from reproduce import Datasets, fmt_pct
 
 SCENARIOS = ("split", "permuted")
+PLAIN = "plain"  # the literature's plain MLP classifier, trained by backprop (`PlainLearner`)
 EVAL_BATCH = 1000
 
 
@@ -126,6 +129,7 @@ class Learner:
     if method in ("ct", "fm", "adjoint") and inference_steps:
       settings["inference_steps"] = inference_steps
     self.cfg = RunConfig.create(method, **settings)
+    self.batch_size = batch_size
     self.mod = METHODS[method]
     self.compute = trainer.resolve_compute(self.cfg)
     self.model = trainer.build_model(self.cfg, ds.train.images.shape[1:], ds.num_classes,
@@ -140,7 +144,7 @@ class Learner:
 
   def train(self, state, split: data.Split, steps: int, rng: np.random.Generator):
     """`steps` steps on batches drawn without replacement, pass after pass."""
-    B, n = self.cfg.train.batch_size, len(split.labels)
+    B, n = self.batch_size, len(split.labels)
     order = np.empty(0, np.int64)
     for _ in range(steps):
       if len(order) < B:
@@ -160,6 +164,49 @@ class Learner:
       x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
       out.append(np.asarray(self.logits(state, x))[:EVAL_BATCH - pad])
     return np.concatenate(out)
+
+
+class PlainLearner(Learner):
+  """The literature's reference network: a plain classifier (flattened input, two hidden
+  layers of 400 ReLU units, a linear output) trained end to end on cross-entropy with
+  Adam. The published split-MNIST fine-tuning figures are for this network; it checks
+  the protocol against them, apart from the library's backprop baseline, whose chain of
+  softmax(block) @ W links is another network."""
+
+  def __init__(self, ds: data.Dataset, batch_size: int, lr: float, hidden: int = 400):
+    import flax.linen as nn
+    import optax
+
+    m = ds.num_classes
+
+    class MLP(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        h = x.reshape(x.shape[0], -1)
+        for _ in range(2):
+          h = nn.relu(nn.Dense(hidden)(h))
+        return nn.Dense(m)(h)
+
+    self.net, self.opt, self.batch_size = MLP(), optax.adam(lr), batch_size
+    logits = lambda params, x: self.net.apply(params, core.to_float(x))
+
+    def step(state, x, y):
+      loss, g = jax.value_and_grad(lambda p: core.cross_entropy(logits(p, x), y))(state["params"])
+      upd, opt = self.opt.update(g, state["opt"], state["params"])
+      return {"params": optax.apply_updates(state["params"], upd), "opt": opt}, {"loss": loss}
+
+    self.step = jax.jit(step, donate_argnums=0)
+    self.logits = jax.jit(lambda state, x: logits(state["params"], x))
+
+  def init(self, seed: int, inputs: np.ndarray, labels: np.ndarray):
+    params = self.net.init(jax.random.key(seed), jnp.zeros((1, *inputs.shape[1:]), jnp.float32))
+    return {"params": params, "opt": self.opt.init(params)}
+
+
+def make_learner(method: str, block: str, ds: data.Dataset, args) -> Learner:
+  if method == PLAIN:
+    return PlainLearner(ds, args.batch_size, args.lr)
+  return Learner(method, block, ds, args.batch_size, args.lr, args.inference_steps)
 
 
 def score(learner: Learner, state, tasks: list[Task], scenario: str) -> dict[str, np.ndarray]:
@@ -205,6 +252,7 @@ def metrics(R: np.ndarray) -> dict[str, float]:
   return {"acc": average_accuracy(R), "bwt": backward_transfer(R), "forgetting": forgetting(R)}
 
 
+NAMES = {**{m: mod.NAME for m, mod in METHODS.items()}, PLAIN: "Plain MLP, backprop (reference)"}
 SCORING = {"class_il": "class-incremental", "task_il": "task-incremental",
            "domain_il": "permuted (all classes)"}
 
@@ -216,7 +264,7 @@ def table(results: list[dict]) -> str:
     for k, Rs in r["R"].items():
       m = [metrics(np.asarray(R)) for R in Rs]
       joint = [float(np.mean(j)) for j in r["joint"][k]]
-      rows.append(f"| {SCORING[k]} | {METHODS[r['method']].NAME} | {r['block']} | "
+      rows.append(f"| {SCORING[k]} | {NAMES[r['method']]} | {r['block']} | "
                   f"{fmt_pct([x['acc'] for x in m])} | {fmt_pct([x['bwt'] for x in m])} | "
                   f"{fmt_pct([x['forgetting'] for x in m])} | {fmt_pct(joint)} | {len(Rs)} |")
   return "\n".join(rows)
@@ -262,7 +310,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--data-dir", default=None, help="the dataset's original files (else TFDS)")
   p.add_argument("--scenario", default="split", choices=SCENARIOS)
   p.add_argument("--tasks", type=int, default=10, help="permuted: number of permutations")
-  p.add_argument("--methods", nargs="+", default=["dt", "fm", "backprop"], choices=list(METHODS))
+  p.add_argument("--methods", nargs="+", default=["dt", "fm", "backprop", PLAIN],
+                 choices=[*METHODS, PLAIN], help=f"{PLAIN}: the literature's 2 x 400 MLP classifier")
   p.add_argument("--blocks", nargs="+", default=["mlp"], choices=["mlp", "paper", "vit"])
   p.add_argument("--epochs-per-task", type=float, default=1.0, help="passes over a task's training data")
   p.add_argument("--steps-per-task", type=int, default=0, help="steps per task (overrides --epochs-per-task)")
@@ -297,9 +346,9 @@ def main(argv=None) -> int:
         f"training examples, {steps} steps per task", flush=True)
   results = []
   for method in args.methods:
-    for block in args.blocks:
+    for block in args.blocks if method != PLAIN else ["2x400"]:
       t0 = time.perf_counter()
-      learner = Learner(method, block, ds, args.batch_size, args.lr, args.inference_steps)
+      learner = make_learner(method, block, ds, args)
       r = {"method": method, "block": block, "scenario": args.scenario, "dataset": ds.name,
            "steps_per_task": steps, "R": {}, "joint": {}}
       for seed in range(args.seeds):

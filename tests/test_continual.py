@@ -69,10 +69,12 @@ def test_restricted_prediction_never_leaves_the_tasks_classes():
 
 
 def test_one_run_end_to_end_on_the_digits(tmp_path):
-  argv = ["--dataset", "digits", "--methods", "dt", "--steps-per-task", "30", "--seeds", "2",
+  argv = ["--dataset", "digits", "--methods", "dt", "plain", "--steps-per-task", "30", "--seeds", "2",
           "--out", str(tmp_path)]
   assert continual.main(argv) == 0
-  (r,) = json.loads((tmp_path / "results.json").read_text())
+  r, plain = json.loads((tmp_path / "results.json").read_text())
+  assert plain["method"] == "plain" and plain["block"] == "2x400"
+  assert np.asarray(plain["R"]["class_il"][0])[-1, -1] > 0.8  # the last task is learnt
   assert set(r["R"]) == {"class_il", "task_il"} and len(r["R"]["class_il"]) == 2
   R = np.asarray(r["R"]["class_il"][0])
   assert R.shape == (5, 5)
@@ -83,5 +85,6 @@ def test_one_run_end_to_end_on_the_digits(tmp_path):
   assert np.mean(r["joint"]["class_il"][0]) > 0.8
   md = (tmp_path / "results.md").read_text()
   assert "| class-incremental | NoProp-DT | mlp |" in md and "| task-incremental |" in md
+  assert "| class-incremental | Plain MLP, backprop (reference) | 2x400 |" in md
   assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 0
   assert (tmp_path / "plots" / "R_split.png").stat().st_size > 0
