@@ -77,14 +77,14 @@ def test_chunks_reach_every_block_once():
 
 
 def _no_T(kw):
-  return {k: v for k, v in {**BASE, **kw}.items() if k != "T"}  # T is DT's and backprop's
+  return {k: v for k, v in {**BASE, **kw}.items() if k != "T"}  # T is not every method's
 
 
 @pytest.mark.parametrize("kw, match", [
     (dict(blocks_per_step=3), "blocks_per_step must divide T=4"),
     (dict(blocks_per_step=5), "blocks_per_step must divide T=4"),
     (dict(formulation="scan", blocks_per_step=2), "one block at a time"),
-    (_no_T(dict(method="ct", blocks_per_step=2)), "NoProp-DT's"),
+    (_no_T(dict(method="ct", blocks_per_step=2)), r"side by side in one step \(dt, diffusion_blocks\)"),
     (dict(mesh="blocks=3"), "blocks=3 must divide T=4"),
     (dict(mesh="blocks=2", blocks_per_step=1), "multiple of the mesh's blocks=2"),
     (dict(mesh="blocks=2", formulation="unroll"), "use vmap"),
@@ -93,7 +93,7 @@ def _no_T(kw):
     (dict(mesh="data=3"), "divisible by the mesh's data=3"),
     (dict(precision="float16"), "unknown precision"),
     (dict(method="backprop", precision="bfloat16"), "not backprop"),
-    ({**BASE, "method": "ct"}, "--T is a setting of dt, backprop, not of ct"),
+    ({**BASE, "method": "ct"}, "--T is a setting of dt, backprop, diffusion_blocks, local, not of ct"),
 ])
 def test_bad_parallel_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
