@@ -482,7 +482,7 @@ class BlockConfig:
   """Which provided block, and its options."""
 
   block: str = "paper"  # paper (Figure 6, images) | mlp (inputs of any shape) | vit (images)
-  dropout: float = 0.2  # dropout rate (paper: after each conv; mlp: after each input layer; vit: residual branches)
+  dropout: float = 0.2  # dropout rate (paper: after each conv; mlp: after each input layer)
   conv_impl: str = "auto"  # paper block's convolution: auto | xla | patches | gemm
   hidden: int = 256  # mlp: width of every layer
   depth: int = 2  # mlp: layers on the input before it meets z (and t)
@@ -490,14 +490,16 @@ class BlockConfig:
   vit_width: int = 64  # vit: token width
   vit_layers: int = 2  # vit: transformer layers per block
   vit_heads: int = 4  # vit: attention heads (must divide --vit-width)
+  vit_dropout: float = 0.0  # vit: dropout on the residual branches
 
   def __post_init__(self):
     if self.block not in NAMES:
       raise ValueError(f"unknown block {self.block!r}; choose one of {list(NAMES)}")
     if self.conv_impl not in CONV_IMPLS:
       raise ValueError(f"unknown conv_impl {self.conv_impl!r}; choose one of {list(CONV_IMPLS)}")
-    if not 0 <= self.dropout < 1:
-      raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    for name in ("dropout", "vit_dropout"):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
     if self.hidden < 1 or self.depth < 0:
       raise ValueError(f"hidden must be >= 1 and depth >= 0, got {self.hidden}, {self.depth}")
     vit = dict(patch_size=self.patch_size, vit_width=self.vit_width,
@@ -546,7 +548,7 @@ def make(cfg: BlockConfig, time_conditioned: bool, num_classes: int,
     check_patch(input_shape[:2], cfg.patch_size)
     cls = ViTTimeBlock if time_conditioned else ViTBlock
     return cls(num_classes, cfg.patch_size, cfg.vit_width, cfg.vit_layers, cfg.vit_heads,
-               dropout=cfg.dropout)
+               dropout=cfg.vit_dropout)
   cls = CTBlock if time_conditioned else DTBlock
   return cls(num_classes, padding_for(input_shape), cfg.dropout,
              resolve_conv_impl(cfg.conv_impl, looped),

@@ -125,7 +125,8 @@ def test_clear_errors():
     jax.eval_shape(lambda k: core.init_block(ViTBlock(10, width=30, heads=4), k, x, z),
                    jax.random.key(0))
   for bad, match in ((dict(vit_heads=3), "divisible by vit_heads"), (dict(patch_size=0), "patch_size"),
-                     (dict(vit_width=0), "vit_width"), (dict(vit_layers=0), "vit_layers")):
+                     (dict(vit_width=0), "vit_width"), (dict(vit_layers=0), "vit_layers"),
+                     (dict(vit_dropout=1.0), r"vit_dropout must be in \[0, 1\)")):
     with pytest.raises(ValueError, match=match):
       BlockConfig(block="vit", **bad)
   with pytest.raises(ValueError, match="patch size 3"):
@@ -135,7 +136,9 @@ def test_clear_errors():
 
 
 def test_make_builds_the_configured_vit():
-  cfg = BlockConfig(block="vit", patch_size=7, vit_width=32, vit_layers=3, vit_heads=8, dropout=0.1)
+  cfg = BlockConfig(block="vit", patch_size=7, vit_width=32, vit_layers=3, vit_heads=8,
+                    vit_dropout=0.1, dropout=0.3)  # `dropout` is the other blocks'
+
   block = blocks.make(cfg, False, 5, (28, 28, 1))
   assert type(block) is ViTBlock
   assert (block.num_classes, block.patch, block.width, block.layers, block.heads, block.dropout) == (
