@@ -48,7 +48,7 @@ def row_config(method: str, block: str, dataset: str, epochs: int | None,
 
 def step_memory(cfg: RunConfig, input_shape, num_classes: int) -> int | None:
   """XLA's memory analysis of the row's jitted training step on one batch, state donated."""
-  compute, model = trainer.resolve_compute(cfg), None
+  compute = trainer.resolve_compute(cfg)
   model = trainer.build_model(cfg, input_shape, num_classes, compute)
   method = METHODS[cfg.method]
   state = jax.eval_shape(lambda: trainer.init_state(cfg, model, jax.random.key(0)))
