@@ -45,6 +45,7 @@ from reproduce import Datasets, fmt_pct
 
 SCENARIOS = ("split", "permuted")
 PLAIN = "plain"  # the literature's plain MLP classifier, trained by backprop (`PlainLearner`)
+PLAIN_MH = "plain_multihead"  # the same with one output head per task (task-incremental training)
 EVAL_BATCH = 1000
 
 
@@ -123,6 +124,8 @@ def restricted_predictions(logits: np.ndarray, classes: tuple[int, ...]) -> np.n
 class Learner:
   """A method's model, jitted step and predict for one (method, block), shared by seeds."""
 
+  multihead = False  # one output head per task (`PlainLearner` only)
+
   def __init__(self, method: str, block: str, ds: data.Dataset, batch_size: int, lr: float,
                inference_steps: int | None):
     settings = dict(block=block, batch_size=batch_size, lr=lr)
@@ -171,9 +174,16 @@ class PlainLearner(Learner):
   layers of 400 ReLU units, a linear output) trained end to end on cross-entropy with
   Adam. The published split-MNIST fine-tuning figures are for this network; it checks
   the protocol against them, apart from the library's backprop baseline, whose chain of
-  softmax(block) @ W links is another network."""
+  softmax(block) @ W links is another network.
 
-  def __init__(self, ds: data.Dataset, batch_size: int, lr: float, hidden: int = 400):
+  With `task_of` (the task of each class), the output is multi-headed, as in the
+  published task-incremental figures: an example's cross-entropy is over its own task's
+  classes only, so training a task never pushes down another task's outputs. Every other
+  learner has one shared head: all classes compete in every loss.
+  """
+
+  def __init__(self, ds: data.Dataset, batch_size: int, lr: float, hidden: int = 400,
+               task_of: np.ndarray | None = None):
     import flax.linen as nn
     import optax
 
@@ -188,10 +198,19 @@ class PlainLearner(Learner):
         return nn.Dense(m)(h)
 
     self.net, self.opt, self.batch_size = MLP(), optax.adam(lr), batch_size
+    self.multihead = task_of is not None
+    task_of = None if task_of is None else jnp.asarray(task_of)
     logits = lambda params, x: self.net.apply(params, core.to_float(x))
 
+    def loss_fn(params, x, y):
+      logits_BM = logits(params, x)
+      if task_of is not None:  # multi-head: only the outputs of the example's own task
+        own_BM = task_of[y][:, None] == task_of[None, :]
+        logits_BM = jnp.where(own_BM, logits_BM, -1e9)
+      return core.cross_entropy(logits_BM, y)
+
     def step(state, x, y):
-      loss, g = jax.value_and_grad(lambda p: core.cross_entropy(logits(p, x), y))(state["params"])
+      loss, g = jax.value_and_grad(loss_fn)(state["params"], x, y)
       upd, opt = self.opt.update(g, state["opt"], state["params"])
       return {"params": optax.apply_updates(state["params"], upd), "opt": opt}, {"loss": loss}
 
@@ -203,9 +222,20 @@ class PlainLearner(Learner):
     return {"params": params, "opt": self.opt.init(params)}
 
 
-def make_learner(method: str, block: str, ds: data.Dataset, args) -> Learner:
+def task_of_class(tasks: list[Task], num_classes: int) -> np.ndarray:
+  """[num_classes]: the task holding each class (split tasks are disjoint)."""
+  out = np.full(num_classes, -1, np.int32)
+  for k, task in enumerate(tasks):
+    out[list(task.classes)] = k
+  return out
+
+
+def make_learner(method: str, block: str, ds: data.Dataset, tasks: list[Task], args) -> Learner:
   if method == PLAIN:
     return PlainLearner(ds, args.batch_size, args.lr)
+  if method == PLAIN_MH:
+    return PlainLearner(ds, args.batch_size, args.lr,
+                        task_of=task_of_class(tasks, ds.num_classes))
   return Learner(method, block, ds, args.batch_size, args.lr, args.inference_steps)
 
 
@@ -219,6 +249,8 @@ def score(learner: Learner, state, tasks: list[Task], scenario: str) -> dict[str
     out["task_il"].append(float(np.mean(restricted_predictions(logits, task.classes) == y)))
   if scenario == "permuted":
     del out["task_il"]  # every task has every class: the restriction changes nothing
+  if learner.multihead:
+    del out["class_il"]  # the heads were never trained against each other
   return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -252,7 +284,8 @@ def metrics(R: np.ndarray) -> dict[str, float]:
   return {"acc": average_accuracy(R), "bwt": backward_transfer(R), "forgetting": forgetting(R)}
 
 
-NAMES = {**{m: mod.NAME for m, mod in METHODS.items()}, PLAIN: "Plain MLP, backprop (reference)"}
+NAMES = {**{m: mod.NAME for m, mod in METHODS.items()}, PLAIN: "Plain MLP, backprop (reference)",
+         PLAIN_MH: "Plain MLP, backprop, one head per task (reference)"}
 SCORING = {"class_il": "class-incremental", "task_il": "task-incremental",
            "domain_il": "permuted (all classes)"}
 
@@ -311,7 +344,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--scenario", default="split", choices=SCENARIOS)
   p.add_argument("--tasks", type=int, default=10, help="permuted: number of permutations")
   p.add_argument("--methods", nargs="+", default=["dt", "fm", "backprop", PLAIN],
-                 choices=[*METHODS, PLAIN], help=f"{PLAIN}: the literature's 2 x 400 MLP classifier")
+                 choices=[*METHODS, PLAIN, PLAIN_MH],
+                 help=f"{PLAIN}: the literature's 2 x 400 MLP classifier; {PLAIN_MH}: the same "
+                      "with one output head per task (split only; scored task-incrementally)")
   p.add_argument("--blocks", nargs="+", default=["mlp"], choices=["mlp", "paper", "vit"])
   p.add_argument("--epochs-per-task", type=float, default=1.0, help="passes over a task's training data")
   p.add_argument("--steps-per-task", type=int, default=0, help="steps per task (overrides --epochs-per-task)")
@@ -332,6 +367,10 @@ def main(argv=None) -> int:
   if args.steps_per_task < 0 or args.epochs_per_task <= 0:
     print("error: --steps-per-task must be >= 0 and --epochs-per-task > 0", file=sys.stderr)
     return 2
+  if args.scenario == "permuted" and PLAIN_MH in args.methods:
+    print(f"error: {PLAIN_MH} needs tasks with their own classes (--scenario split); every "
+          "permuted task has every class, so it would be plain", file=sys.stderr)
+    return 2
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   try:
@@ -346,9 +385,9 @@ def main(argv=None) -> int:
         f"training examples, {steps} steps per task", flush=True)
   results = []
   for method in args.methods:
-    for block in args.blocks if method != PLAIN else ["2x400"]:
+    for block in args.blocks if method not in (PLAIN, PLAIN_MH) else ["2x400"]:
       t0 = time.perf_counter()
-      learner = make_learner(method, block, ds, args)
+      learner = make_learner(method, block, ds, tasks, args)
       r = {"method": method, "block": block, "scenario": args.scenario, "dataset": ds.name,
            "steps_per_task": steps, "R": {}, "joint": {}}
       for seed in range(args.seeds):

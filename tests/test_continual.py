@@ -88,3 +88,34 @@ def test_one_run_end_to_end_on_the_digits(tmp_path):
   assert "| class-incremental | Plain MLP, backprop (reference) | 2x400 |" in md
   assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 0
   assert (tmp_path / "plots" / "R_split.png").stat().st_size > 0
+
+
+def test_multihead_training_leaves_the_other_tasks_outputs_untouched():
+  tasks = continual.split_tasks(DIGITS)
+  task_of = continual.task_of_class(tasks, 10)
+  np.testing.assert_array_equal(task_of, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+  x, y = tasks[1].train.images[:32], tasks[1].train.labels[:32]
+  heads = {}
+  for name, kw in (("shared", {}), ("multi", {"task_of": task_of})):
+    learner = continual.PlainLearner(DIGITS, batch_size=32, lr=1e-2, **kw)
+    state = learner.init(0, x, y)
+    out0 = {k: np.asarray(v) for k, v in state["params"]["params"]["Dense_2"].items()}
+    state, _ = learner.step(state, x, y)
+    out1 = state["params"]["params"]["Dense_2"]
+    heads[name] = {k: np.asarray(out1[k]) - out0[k] for k in out0}
+  moved = lambda d, cls: np.abs(d["bias"][cls]).max() + np.abs(d["kernel"][:, cls]).max()
+  others = [0, 1, 4, 5, 6, 7, 8, 9]
+  assert moved(heads["multi"], others) == 0  # one head per task: task 2's loss sees only 2 and 3
+  assert moved(heads["multi"], [2, 3]) > 0
+  assert moved(heads["shared"], others) > 0  # one shared head: every class is pushed down
+
+
+def test_multihead_rows_are_scored_task_incrementally_only(tmp_path):
+  argv = ["--dataset", "digits", "--methods", "plain_multihead", "--steps-per-task", "20",
+          "--seeds", "1", "--out", str(tmp_path)]
+  assert continual.main(argv) == 0
+  (r,) = json.loads((tmp_path / "results.json").read_text())
+  assert set(r["R"]) == set(r["joint"]) == {"task_il"}
+  R = np.asarray(r["R"]["task_il"][0])
+  assert R[-1].min() > 0.8  # every task still told apart after the last: the heads stay apart
+  assert continual.main([*argv, "--scenario", "permuted"]) == 2
