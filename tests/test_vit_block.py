@@ -14,7 +14,7 @@ from noprop_jax.blocks import BlockConfig, ViTBlock, ViTTimeBlock
 from noprop_jax.config import METHODS, RunConfig
 
 B = 3
-SMALL = (8, 8, 1)  # default patch 4: four image tokens
+SMALL = (16, 16, 1)  # default patch 8 (the conv stem): a 2 x 2 grid of image tokens
 
 # Compiled once per block and shapes: eagerly, each of the blocks' small ops would compile alone.
 _apply = jax.jit(core.apply, static_argnums=0, static_argnames=("train", "method", "precision"))
@@ -58,22 +58,44 @@ def _differ(a, b) -> bool:
 def test_parameter_counts_by_hand():
   x, z = jnp.zeros((1, 28, 28, 1)), jnp.zeros((1, 10))
   t = jnp.zeros((1,))
-  w, d, m, n_patches, t_dim = 64, 10, 10, (28 // 4) ** 2, 64
-  patch_dim = 4 * 4 * 1
-  embed = (patch_dim * w + w) + n_patches * w + (d * w + w) + w  # patches, positions, label
+  w, d, m, t_dim = 64, 10, 10, 64
+  # The default convolutional stem, patch 8: 3x3 convs 1 -> 32 -> 32 -> 64 channels, each
+  # of stride 2, so 28 -> 14 -> 7 -> 4: a 4 x 4 grid of tokens.
+  stem = (9 * 1 * 32 + 32) + (9 * 32 * 32 + 32) + (9 * 32 * w + w)
+  label = (d * w + w) + w  # the label token's Dense and position
   attention = 4 * (w * w + w)  # query, key, value, out
   mlp = (w * 2 * w + 2 * w) + (2 * w * w + w)
   layer_norms = 2 * (2 * w)
-  vit = embed + 2 * (layer_norms + attention + mlp) + 2 * w + (w * m + m)
-  assert vit == 72_714
+  rest = 2 * (layer_norms + attention + mlp) + 2 * w + (w * m + m)  # 2 layers, norm, head
+  vit = stem + 4 * 4 * w + label + rest
+  assert vit == 97_578
   assert _num_params(ViTBlock(10), x, z) == vit
+  # The linear stem, patch 4: one Dense per 4 x 4 patch, 7 x 7 of them.
+  linear = (4 * 4 * 1 * w + w) + 7 * 7 * w + label + rest
+  assert linear == 72_714
+  assert _num_params(ViTBlock(10, patch=4, stem="linear"), x, z) == linear
   # adaLN-Zero: LayerNorms lose their scale and bias; each layer gains a Dense to 6 * w
   # (shift, scale, gate of two branches), the final norm one to 2 * w, and t its MLP.
   adaln = 2 * (w * 6 * w + 6 * w) + (w * 2 * w + 2 * w)
   t_mlp = (t_dim * w + w) + (w * w + w)
   vit_time = vit - 2 * layer_norms - 2 * w + adaln + t_mlp
-  assert vit_time == 138_634
+  assert vit_time == 163_498
   assert _num_params(ViTTimeBlock(10), x, z, t) == vit_time
+
+
+def test_the_conv_stem_grid_rounds_up_and_the_linear_stem_needs_a_divisor():
+  z = jnp.zeros((1, 10))
+  for hw, patch, grid in (((28, 28), 8, 4 * 4), ((28, 28), 4, 7 * 7), ((32, 32), 4, 8 * 8),
+                          ((30, 20), 2, 15 * 10), ((9, 9), 4, 3 * 3)):
+    x = jnp.zeros((1, *hw, 3))
+    shapes = jax.eval_shape(lambda k: core.init_block(ViTBlock(10, patch=patch), k, x, z),
+                            jax.random.key(0))
+    assert shapes["params"]["patch_pos"]["embedding"].shape == (grid, 64)
+  with pytest.raises(ValueError, match="power of two"):
+    blocks.check_patch((28, 28), 7, "conv")
+  blocks.check_patch((28, 28), 7, "linear")
+  with pytest.raises(ValueError, match="does not divide"):
+    blocks.check_patch((28, 28), 8, "linear")
 
 
 def test_shapes_and_a_scalar_t_serves_the_batch():
@@ -120,35 +142,43 @@ def test_the_output_depends_on_the_label_and_on_the_image():
 def test_clear_errors():
   x, z = _inputs(shape=(28, 28, 1))
   with pytest.raises(ValueError, match=r"patch size 5 .* 28 x 28 .*\[1, 2, 4, 7, 14, 28\]"):
+    jax.eval_shape(lambda k: core.init_block(ViTBlock(10, patch=5, stem="linear"), k, x, z),
+                   jax.random.key(0))
+  with pytest.raises(ValueError, match="patch size 5 with the convolutional stem.*power of two"):
     jax.eval_shape(lambda k: core.init_block(ViTBlock(10, patch=5), k, x, z), jax.random.key(0))
+  with pytest.raises(ValueError, match="unknown ViT stem 'cnn'"):
+    jax.eval_shape(lambda k: core.init_block(ViTBlock(10, stem="cnn"), k, x, z), jax.random.key(0))
   with pytest.raises(ValueError, match="width 30 must be divisible by .* heads 4"):
     jax.eval_shape(lambda k: core.init_block(ViTBlock(10, width=30, heads=4), k, x, z),
                    jax.random.key(0))
   for bad, match in ((dict(vit_heads=3), "divisible by vit_heads"), (dict(patch_size=0), "patch_size"),
                      (dict(vit_width=0), "vit_width"), (dict(vit_layers=0), "vit_layers"),
-                     (dict(vit_dropout=1.0), r"vit_dropout must be in \[0, 1\)")):
+                     (dict(vit_dropout=1.0), r"vit_dropout must be in \[0, 1\)"),
+                     (dict(vit_stem="patch"), r"unknown vit_stem 'patch'; choose one of \['conv', 'linear'\]")):
     with pytest.raises(ValueError, match=match):
       BlockConfig(block="vit", **bad)
-  with pytest.raises(ValueError, match="patch size 3"):
+  with pytest.raises(ValueError, match="patch size 3 with the convolutional stem"):
     blocks.make(BlockConfig(block="vit", patch_size=3), False, 10, (28, 28, 1))
+  with pytest.raises(ValueError, match="patch size 3 does not divide"):
+    blocks.make(BlockConfig(block="vit", patch_size=3, vit_stem="linear"), False, 10, (28, 28, 1))
   with pytest.raises(ValueError, match=r"vit block takes images \[H, W, C\].*block 'mlp'"):
     blocks.make(BlockConfig(block="vit"), False, 10, (64,))
 
 
 def test_make_builds_the_configured_vit():
   cfg = BlockConfig(block="vit", patch_size=7, vit_width=32, vit_layers=3, vit_heads=8,
-                    vit_dropout=0.1, dropout=0.3)  # `dropout` is the other blocks'
+                    vit_dropout=0.1, dropout=0.3, vit_stem="linear")  # `dropout`: the other blocks'
 
   block = blocks.make(cfg, False, 5, (28, 28, 1))
   assert type(block) is ViTBlock
-  assert (block.num_classes, block.patch, block.width, block.layers, block.heads, block.dropout) == (
-      5, 7, 32, 3, 8, 0.1)
+  assert (block.num_classes, block.patch, block.width, block.layers, block.heads, block.dropout,
+          block.stem) == (5, 7, 32, 3, 8, 0.1, "linear")
   assert type(blocks.make(cfg, True, 5, (28, 28, 1))) is ViTTimeBlock
   assert type(blocks.make(BlockConfig(block="vit"), False, 10, (28, 28, 1))) is ViTBlock
   assert type(blocks.make(BlockConfig(block="vit"), True, 10, (28, 28, 1))) is ViTTimeBlock
   # Prototype embeddings: z is a vector of the input's size, which the label Dense reads.
   block = blocks.make(BlockConfig(block="vit"), False, 10, SMALL, prototype=True)
-  x, z = _inputs(d=64)
+  x, z = _inputs(d=int(np.prod(SMALL)))
   out = jax.eval_shape(lambda k: core.apply(block, core.init_block(block, k, x, z), x, z)[0],
                        jax.random.key(0))
   assert out.shape == (B, 10)
