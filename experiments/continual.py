@@ -291,13 +291,13 @@ SCORING = {"class_il": "class-incremental", "task_il": "task-incremental",
 
 
 def table(results: list[dict]) -> str:
-  rows = ["| scenario | method | block | ACC | BWT | forgetting | joint | seeds |",
-          "|---|---|---|---:|---:|---:|---:|---:|"]
+  rows = ["| scenario | method | block | steps / task | ACC | BWT | forgetting | joint | seeds |",
+          "|---|---|---|---:|---:|---:|---:|---:|---:|"]
   for r in results:
     for k, Rs in r["R"].items():
       m = [metrics(np.asarray(R)) for R in Rs]
       joint = [float(np.mean(j)) for j in r["joint"][k]]
-      rows.append(f"| {SCORING[k]} | {NAMES[r['method']]} | {r['block']} | "
+      rows.append(f"| {SCORING[k]} | {NAMES[r['method']]} | {r['block']} | {r['steps_per_task']} | "
                   f"{fmt_pct([x['acc'] for x in m])} | {fmt_pct([x['bwt'] for x in m])} | "
                   f"{fmt_pct([x['forgetting'] for x in m])} | {fmt_pct(joint)} | {len(Rs)} |")
   return "\n".join(rows)
@@ -355,11 +355,35 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--inference-steps", type=int, default=100, help="ct, fm, adjoint: Euler steps")
   p.add_argument("--out", default="runs/continual")
+  p.add_argument("--report", nargs="+", metavar="OUT", default=None,
+                 help="print one table of these runs' results.json (class-incremental rows "
+                      "first) and exit; trains nothing")
   return p.parse_args(argv)
+
+
+def report(dirs: list[str]) -> str:
+  """One table of several runs' rows: class-incremental first, then task-incremental."""
+  results = []
+  for d in dirs:
+    f = Path(d) / "results.json"
+    if not f.is_file():
+      raise FileNotFoundError(f"{f} does not exist: run experiments/continual.py --out {d} first")
+    results += json.loads(f.read_text())
+  rows = table(results).splitlines()
+  order = [SCORING[k] for k in ("class_il", "task_il", "domain_il")]
+  body = sorted(rows[2:], key=lambda row: order.index(row.split(" | ")[0].lstrip("| ")))
+  return "\n".join(rows[:2] + body)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.report:
+    try:
+      print(report(args.report))
+    except FileNotFoundError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    return 0
   for name in ("tasks", "seeds", "batch_size", "inference_steps"):
     if getattr(args, name) < 1:
       print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)

@@ -110,7 +110,7 @@ def test_multihead_training_leaves_the_other_tasks_outputs_untouched():
   assert moved(heads["shared"], others) > 0  # one shared head: every class is pushed down
 
 
-def test_multihead_rows_are_scored_task_incrementally_only(tmp_path):
+def test_multihead_rows_are_scored_task_incrementally_only_and_reports_merge_runs(tmp_path, capsys):
   argv = ["--dataset", "digits", "--methods", "plain_multihead", "--steps-per-task", "20",
           "--seeds", "1", "--out", str(tmp_path)]
   assert continual.main(argv) == 0
@@ -119,3 +119,10 @@ def test_multihead_rows_are_scored_task_incrementally_only(tmp_path):
   R = np.asarray(r["R"]["task_il"][0])
   assert R[-1].min() > 0.8  # every task still told apart after the last: the heads stay apart
   assert continual.main([*argv, "--scenario", "permuted"]) == 2
+  capsys.readouterr()
+  assert continual.main(["--report", str(tmp_path), str(tmp_path)]) == 0
+  rows = capsys.readouterr().out.strip().splitlines()
+  assert rows[0].startswith("| scenario | method | block | steps / task | ACC |")
+  assert len(rows) == 4 and all("one head per task (reference) | 2x400 | 20 |" in r for r in rows[2:])
+  assert continual.main(["--report", str(tmp_path / "missing")]) == 2
+  assert "missing/results.json does not exist" in capsys.readouterr().err
