@@ -43,14 +43,30 @@ class Conv(nn.Module):
     c = x_NHWC.shape[-1]
     w = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
     b = self.param("bias", nn.initializers.zeros, (self.features,))
+    x_NHWC, padding = crop_for_pool(x_NHWC, self.padding) if self.pool else (x_NHWC, self.padding)
     if self.impl == "patches":
-      y = conv2d(x_NHWC, w, self.padding)
+      y = conv2d(x_NHWC, w, padding)
     elif self.impl == "gemm":
-      y = conv2d_gemm(x_NHWC, w, self.padding)
+      y = conv2d_gemm(x_NHWC, w, padding)
     else:
       y = jax.lax.conv_general_dilated(
-          x_NHWC, w, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+          x_NHWC, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return (max_pool_2x2(y) if self.pool else y) + b[None, None, None, :]
+
+
+def crop_for_pool(x_NHWC: jax.Array, padding: str) -> tuple[jax.Array, str]:
+  """(x, padding) for a 3x3 convolution whose output a floored 2x2 pool takes: where that
+  output would have an odd height or width, x loses its last row or column (padded first,
+  for 'SAME'), so the convolution never computes the row or column the pool drops. The
+  same function and gradient; the paper's MNIST block saves a fifth of its largest
+  convolution (9x9 -> 8x8 outputs)."""
+  _, h, w, _ = x_NHWC.shape
+  out_h, out_w = (h, w) if padding == "SAME" else (h - 2, w - 2)
+  if out_h % 2 == 0 and out_w % 2 == 0:
+    return x_NHWC, padding
+  if padding == "SAME":
+    x_NHWC, h, w = jnp.pad(x_NHWC, ((0, 0), (1, 1), (1, 1), (0, 0))), h + 2, w + 2
+  return x_NHWC[:, :h - out_h % 2, :w - out_w % 2], "VALID"
 
 
 @jax.custom_vjp

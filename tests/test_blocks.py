@@ -116,6 +116,19 @@ def test_custom_convs_have_the_stock_value_and_gradient(padding, impl):
   np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape, padding, cropped", [
+    ((2, 11, 11, 3), "VALID", (2, 10, 10, 3)), ((2, 12, 11, 3), "VALID", (2, 12, 10, 3)),
+    ((2, 10, 10, 3), "VALID", (2, 10, 10, 3)), ((2, 7, 8, 3), "SAME", (2, 8, 10, 3)),
+    ((2, 8, 8, 3), "SAME", (2, 8, 8, 3))])
+def test_crop_for_pool_gives_an_even_valid_output(shape, padding, cropped):
+  x = jax.random.normal(jax.random.key(0), shape)
+  y, pad = blocks.crop_for_pool(x, padding)
+  assert y.shape == cropped
+  assert pad == ("VALID" if cropped != shape else padding)
+  if padding == "SAME" and cropped != shape:  # padded by one, then cropped at the end
+    np.testing.assert_array_equal(y[:, 1:1 + shape[1] - 1, 1:1 + shape[2]], x[:, :-1])
+
+
 def test_im2col_orders_features_as_the_kernel_flattens():
   x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
   p = im2col(x)
@@ -139,23 +152,27 @@ def test_max_pool_matches_flax_with_floored_odd_sizes(shape, ties):
                                 grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))
 
 
-def test_image_path_is_the_papers_conv_relu_pool_order():
-  """The pool is taken before bias and ReLU (they commute with it): the same function and
-  gradient as conv -> ReLU -> pool written with flax's own layers."""
+@pytest.mark.parametrize("shape, padding", [((28, 28, 1), "VALID"), ((32, 32, 3), "VALID"),
+                                            ((7, 7, 1), "SAME"), ((9, 10, 2), "SAME")])
+def test_image_path_is_the_papers_conv_relu_pool_order(shape, padding):
+  """The pool is taken before bias and ReLU (they commute with it), and a convolution whose
+  output the pool floors skips the dropped row and column: the same function and gradient
+  as conv -> ReLU -> pool written with flax's own layers (MNIST and CIFAR shapes: the last
+  convolution's 9x9 and 11x11 outputs are odd; SAME padding with odd sizes)."""
   import flax.linen as nn
 
   class Reference(nn.Module):
     @nn.compact
     def __call__(self, x):
       for i, (f, pool) in enumerate(((32, True), (64, False), (128, True))):
-        x = nn.relu(nn.Conv(f, (3, 3), padding="VALID", name=f"Conv_{i}")(x))
+        x = nn.relu(nn.Conv(f, (3, 3), padding=padding, name=f"Conv_{i}")(x))
         if pool:
           x = nn.max_pool(x, (2, 2), strides=(2, 2))
       return nn.Dense(256, name="Dense_0")(x.reshape(x.shape[0], -1))
 
-  x = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+  x = jax.random.uniform(jax.random.key(0), (3, *shape))
   for impl in ("xla", "patches", "gemm"):
-    path = blocks.ImagePath(conv_impl=impl, batchnorm=False)
+    path = blocks.ImagePath(padding=padding, conv_impl=impl, batchnorm=False)
     params = path.init(jax.random.key(1), x, False)["params"]
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
     ours = lambda p: jnp.sum(path.apply({"params": p}, x, False) ** 2)
