@@ -10,7 +10,7 @@ from conftest import build
 from noprop_jax import blocks, core, dt, trainer
 from noprop_jax.blocks import max_pool_2x2
 from noprop_jax.config import METHODS, RunConfig
-from noprop_jax.conv import conv2d as conv_patches, conv2d_gemm, im2col
+from noprop_jax.conv import col2im, conv2d as conv_patches, conv2d_gemm, im2col
 
 
 def _params_per_block(**kw) -> int:
@@ -127,6 +127,13 @@ def test_crop_for_pool_gives_an_even_valid_output(shape, padding, cropped):
   assert pad == ("VALID" if cropped != shape else padding)
   if padding == "SAME" and cropped != shape:  # padded by one, then cropped at the end
     np.testing.assert_array_equal(y[:, 1:1 + shape[1] - 1, 1:1 + shape[2]], x[:, :-1])
+
+
+def test_col2im_is_the_transpose_of_im2col():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3))
+  g = jax.random.normal(jax.random.key(1), im2col(x).shape)
+  _, vjp = jax.vjp(im2col, x)
+  np.testing.assert_allclose(col2im(g), vjp(g)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_im2col_orders_features_as_the_kernel_flattens():
