@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from noprop_jax.conv import conv2d, conv2d_gemm
+from noprop_jax.dropout import Dropout
 
 ConvImpl = Literal["xla", "patches", "gemm"]
 
@@ -133,7 +134,7 @@ class ImagePath(nn.Module):
     h = x_BHWC
     for features, pool in ((32, True), (64, False), (128, True)):
       h = nn.relu(Conv(features, self.padding, self.conv_impl, pool)(h))
-      h = nn.Dropout(self.dropout, deterministic=not train)(h)
+      h = Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Dense(256)(h.reshape(h.shape[0], -1))
     return _bn(train)(h) if self.batchnorm else nn.relu(h)
 
@@ -296,7 +297,7 @@ class MLPBlock(nn.Module):
 
   def setup(self):
     self.x_layers = [nn.Dense(self.hidden) for _ in range(self.depth)]
-    self.drop = nn.Dropout(self.dropout)
+    self.drop = Dropout(self.dropout)
     self.z_layer = nn.Dense(self.hidden)
     self.mix = nn.Dense(self.hidden)
     self.out = nn.Dense(self.num_classes)
@@ -421,7 +422,7 @@ class TransformerLayer(nn.Module):
     if adaptive:
       mod = nn.Dense(6 * self.width, kernel_init=nn.initializers.zeros, name="adaln")(nn.silu(c_BW))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
-    drop = nn.Dropout(self.dropout, deterministic=not train)
+    drop = Dropout(self.dropout, deterministic=not train)
     norm = lambda name: nn.LayerNorm(use_bias=not adaptive, use_scale=not adaptive, name=name)
 
     a = norm("norm_attn")(h_BLW)
