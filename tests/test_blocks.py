@@ -159,9 +159,12 @@ def test_max_pool_matches_flax_with_floored_odd_sizes(shape, ties):
                                 grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))))
 
 
-@pytest.mark.parametrize("shape, padding", [((28, 28, 1), "VALID"), ((32, 32, 3), "VALID"),
-                                            ((7, 7, 1), "SAME"), ((9, 10, 2), "SAME")])
-def test_image_path_is_the_papers_conv_relu_pool_order(shape, padding):
+# Every convolution on MNIST shapes; the crop (shared by all three) on the others, with the
+# CPU default's.
+@pytest.mark.parametrize("shape, padding, impls", [
+    ((28, 28, 1), "VALID", ("xla", "patches", "gemm")), ((32, 32, 3), "VALID", ("gemm",)),
+    ((7, 7, 1), "SAME", ("gemm",)), ((9, 10, 2), "SAME", ("gemm",))])
+def test_image_path_is_the_papers_conv_relu_pool_order(shape, padding, impls):
   """The pool is taken before bias and ReLU (they commute with it), and a convolution whose
   output the pool floors skips the dropped row and column: the same function and gradient
   as conv -> ReLU -> pool written with flax's own layers (MNIST and CIFAR shapes: the last
@@ -178,12 +181,13 @@ def test_image_path_is_the_papers_conv_relu_pool_order(shape, padding):
       return nn.Dense(256, name="Dense_0")(x.reshape(x.shape[0], -1))
 
   x = jax.random.uniform(jax.random.key(0), (3, *shape))
-  for impl in ("xla", "patches", "gemm"):
+  for impl in impls:
     path = blocks.ImagePath(padding=padding, conv_impl=impl, batchnorm=False)
     params = path.init(jax.random.key(1), x, False)["params"]
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
     ours = lambda p: jnp.sum(path.apply({"params": p}, x, False) ** 2)
     ref = lambda p: jnp.sum(nn.relu(Reference().apply({"params": p}, x)) ** 2)
-    np.testing.assert_allclose(ours(params), ref(params), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(jax.grad(ours)(params)), jax.tree.leaves(jax.grad(ref)(params))):
+    (v_ours, g_ours), (v_ref, g_ref) = (jax.jit(jax.value_and_grad(f))(params) for f in (ours, ref))
+    np.testing.assert_allclose(v_ours, v_ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
       np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(jnp.abs(b).max()))
