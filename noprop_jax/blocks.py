@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from noprop_jax.conv import conv2d, conv2d_gemm
+from noprop_jax.conv import conv2d, conv2d_gemm, pad_same
 from noprop_jax.dropout import Dropout
 
 ConvImpl = Literal["xla", "patches", "gemm"]
@@ -65,8 +65,8 @@ def crop_for_pool(x_NHWC: jax.Array, padding: str) -> tuple[jax.Array, str]:
   out_h, out_w = (h, w) if padding == "SAME" else (h - 2, w - 2)
   if out_h % 2 == 0 and out_w % 2 == 0:
     return x_NHWC, padding
-  if padding == "SAME":
-    x_NHWC, h, w = jnp.pad(x_NHWC, ((0, 0), (1, 1), (1, 1), (0, 0))), h + 2, w + 2
+  x_NHWC = pad_same(x_NHWC, 3, padding)
+  _, h, w, _ = x_NHWC.shape
   return x_NHWC[:, :h - out_h % 2, :w - out_w % 2], "VALID"
 
 

@@ -74,7 +74,7 @@ def col2im(p_NHWP: jax.Array, k: int = 3) -> jax.Array:
   return sum(pad(p[:, :, :, i * k + j], i, j) for i in range(k) for j in range(k))
 
 
-def _pad_same(x_NHWC: jax.Array, k: int, padding: str) -> jax.Array:
+def pad_same(x_NHWC: jax.Array, k: int, padding: str) -> jax.Array:
   if padding == "VALID":
     return x_NHWC
   if padding != "SAME":
@@ -85,7 +85,7 @@ def _pad_same(x_NHWC: jax.Array, k: int, padding: str) -> jax.Array:
 
 def _gemm_forward(x, w, padding):
   kh, kw, c, o = w.shape
-  p_NHWP = im2col(_pad_same(x, kh, padding), kh)
+  p_NHWP = im2col(pad_same(x, kh, padding), kh)
   return p_NHWP @ w.reshape(kh * kw * c, o), p_NHWP
 
 
