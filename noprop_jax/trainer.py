@@ -21,7 +21,7 @@ import numpy as np
 from jax import lax
 from tqdm.auto import tqdm
 
-from noprop_jax import blocks, core, sharding
+from noprop_jax import blocks, core, host_memory, sharding
 from noprop_jax import workdir as wd
 from noprop_jax.checkpoint import Checkpointer
 from noprop_jax.config import METHODS, RunConfig
@@ -455,7 +455,7 @@ def summarize(run: Run, state, key, train_seconds: float, step: int) -> dict[str
           "num_classes": run.model.num_classes, "data_source": run.ds.source,
           "backend": jax.default_backend(), "compute": dataclasses.asdict(run.compute),
           "conv_impl": getattr(run.model.block, "conv_impl", None),
-          "mesh": run.cfg.train.mesh_shape, "config": run.cfg.to_dict()}
+          "host_memory": host_memory.status, "mesh": run.cfg.train.mesh_shape, "config": run.cfg.to_dict()}
 
 
 def load_run(workdir: str | Path, step: int | None = None):

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from noprop_jax import data, dt
+from noprop_jax import data, dt, host_memory
 from noprop_jax.workdir import ConfigMismatchError
 from noprop_jax.config import RunConfig
 from noprop_jax.trainer import (build_model, init_state, load_run,
@@ -220,6 +220,7 @@ def test_cli_trains_on_a_npz_file(method, kind, block, tmp_path, capsys):
   assert s["input_shape"] == input_shape and s["num_classes"] == num_classes
   assert s["data_source"] == str(path) and s["config"]["method"] == method
   assert s["config"]["data"]["dataset"] == str(path) and 0 <= s["test_accuracy"] <= 1
+  assert s["host_memory"] == host_memory.status  # recorded with the run's settings
   cfg, model, _, step = load_run(w)  # the checkpoint rebuilds the model for these shapes
   assert list(model.input_shape) == input_shape and model.num_classes == num_classes
   assert step == s["steps"] and cfg.block.block == block
