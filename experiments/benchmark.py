@@ -29,9 +29,10 @@ uses 1000), on a batch of --batch-size images.
 
 Against PyTorch (on XLA:CPU, when torch is importable; --no-torch skips it): the
 per-block loop of `torch_reference.py` (T blocks, one AdamW each, as public PyTorch
-code trains) on the same shapes and as many threads as XLA uses, timed in this
-process alternately with the library's default step, its Algorithm 1 step and its
-inference, over --rounds rounds; the table gives each median and the ratios.
+code trains) on the same shapes and as many threads as XLA uses, in a child process
+with glibc's default malloc (a PyTorch user's process; this one has `noprop_jax`'s
+settings), timed alternately with the library's default step, its Algorithm 1 step and
+its inference, over --rounds rounds; the table gives each median and the ratios.
 DT inference is a batch through the T blocks; FM's is --torch-fm-steps (default
 1000, the paper's) Euler steps on --torch-fm-batch images, the PyTorch block called
 whole at every step.
@@ -51,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from noprop_jax import core, dt, trainer
+from noprop_jax import core, dt, host_memory, trainer
 from noprop_jax.config import METHODS, RunConfig
 
 ALIASES = {"scan": "chunks1-scan", "alg1": "algorithm1"}
@@ -258,16 +259,26 @@ def inference_rows(args) -> list[dict]:
 
 
 def torch_rows(args, specs) -> list[dict]:
-  """The library against the PyTorch per-block loop, timed alternately in this process:
-  per item, the median over `args.rounds` rounds of `args.repeats` calls each (block
-  steps: x T), each side's calls after one untimed call."""
-  import torch
-  import torch_reference
-
+  """The library against the PyTorch per-block loop, timed alternately: per item, the
+  median over `args.rounds` rounds of `args.repeats` calls each (block steps: x T), each
+  side's calls after one untimed call. PyTorch runs in a child process of its own
+  (`torch_reference.serve`): this process has `noprop_jax`'s malloc settings, a PyTorch
+  user's has glibc's defaults."""
   threads = len(os.sched_getaffinity(0))  # XLA:CPU's thread pool has one thread per core
-  torch.set_num_threads(threads)
   shape, m = SHAPES[args.dataset]
   T = args.T
+  spec = {"input_shape": shape, "num_classes": m, "batch_size": args.batch_size, "T": T,
+          "fm_batch": args.torch_fm_batch, "fm_steps": args.torch_fm_steps, "threads": threads}
+  child = subprocess.Popen(
+      [sys.executable, str(Path(__file__).with_name("torch_reference.py")), "--serve",
+       json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+      env={**os.environ, host_memory.ENV: "0"})
+
+  def theirs(item, n):
+    child.stdin.write(f"{item} {n}\n")
+    child.stdin.flush()
+    return json.loads(child.stdout.readline())
+
   ours = {}
   for key, item in (("auto", "step"), ("algorithm1", "block_step")):
     _, kind, cfg = specs[key]
@@ -288,34 +299,34 @@ def torch_rows(args, specs) -> list[dict]:
   fm_state = trainer.init_state(fm_cfg, fm_model, jax.random.key(0))
   fm_pred = jax.jit(lambda s, x: METHODS["fm"].predict(fm_model, s, x)).lower(fm_state, x).compile()
   ours["fm_predict"] = [lambda s, x: (s, fm_pred(s, x)), fm_state, (x,), xla_flops(fm_pred), ""]
-  theirs = torch_reference.timers(shape, m, args.batch_size, T, args.torch_fm_batch,
-                                  args.torch_fm_steps)
 
-  def ours_once(item):
-    fn, state, inputs = ours[item][:3]
-    ours[item][1], _ = jax.block_until_ready(fn(state, *inputs))
+  def ours_timed(item, n):
+    fn, _, inputs = ours[item][:3]
+    times = []
+    for _ in range(n + 1):  # the first call untimed, as the child's
+      t0 = time.perf_counter()
+      ours[item][1], _ = jax.block_until_ready(fn(ours[item][1], *inputs))
+      times.append(time.perf_counter() - t0)
+    return times[1:]
 
-  times = {(side, item): [] for item in ours for side in ("jax", "torch")}
-  for item in ours:  # warm-up
-    ours_once(item)
-    theirs[item]()
-  for _ in range(args.rounds):
-    for item in ours:
-      n = 1 if item == "fm_predict" else args.repeats * (T if item == "block_step" else 1)
-      for side, once in (("jax", lambda: ours_once(item)), ("torch", theirs[item])):
-        # Untimed: the other side's threads may still be spinning (OpenMP waits actively
-        # after a parallel region), which would be charged to this side's first call.
-        once()
-        for _ in range(n):
-          t0 = time.perf_counter()
-          once()
-          times[side, item].append(time.perf_counter() - t0)
+  try:
+    torch_version = json.loads(child.stdout.readline())["torch"]
+    times = {(side, item): [] for item in ours for side in ("jax", "torch")}
+    for _ in range(args.rounds):
+      for item in ours:
+        n = 1 if item == "fm_predict" else args.repeats * (T if item == "block_step" else 1)
+        times["jax", item] += ours_timed(item, n)
+        times["torch", item] += theirs(item, n)
+  finally:
+    child.stdin.close()
+    child.wait()
   rows = []
   for item in ours:
     j, t = (statistics.median(times[side, item]) for side in ("jax", "torch"))
     rows.append({"table": "torch", "case": item, "resolved": ours[item][4], "jax_s": j,
                  "torch_s": t, "speedup": t / j, "flops_jax": ours[item][3], "threads": threads,
-                 "torch_version": torch.__version__, "timed_calls": len(times["jax", item])})
+                 "torch_version": torch_version, "timed_calls": len(times["jax", item]),
+                 "host_memory": host_memory.status})
   return rows
 
 
@@ -465,8 +476,8 @@ def torch_table(rows: list[dict], info: dict, args) -> str:
   r0 = next((r for r in rows if "error" not in r), {})  # a failed child gives one error row
   cols = (f"{'':36} {'noprop_jax ms':>13} {'PyTorch ms':>10} {'speed-up':>8} "
           f"{'examples/s jax / torch':>22} {'% matmul jax / torch':>20}")
-  out = [f"Against PyTorch {r0.get('torch_version', '')} (CPU, {r0.get('threads', '?')} threads), "
-         f"timed alternately "
+  out = [f"Against PyTorch {r0.get('torch_version', '')} (CPU, {r0.get('threads', '?')} threads, "
+         f"its own process; noprop_jax's host memory: {r0.get('host_memory', '?')}), timed alternately "
          f"in {args.rounds} rounds: {args.dataset} shapes, batch {args.batch_size}, T={args.T}; "
          f"FM: {args.torch_fm_steps} Euler steps on {args.torch_fm_batch} images", cols,
          "-" * len(cols)]

@@ -9,13 +9,16 @@ terms get their own AdamW step, as in this library's step. Inference calls the
 blocks one after another, each whole (its image pathway included); the
 continuous-time block is called whole at every Euler step.
 
-Used by `benchmark.py` (the PyTorch rows, when torch is importable) and by the
-tests that pin it to the library's block (parameter counts). Optional: nothing
+Used by `benchmark.py` (the PyTorch rows, when torch is importable), which runs it as
+its own process (`serve`), and by the tests that pin it to the library's block
+(parameter counts). Optional: nothing
 else needs torch (`pip install -e '.[torch]'`).
 """
 
+import json
 import math
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -196,3 +199,36 @@ def timers(input_shape, num_classes: int, batch_size: int, T: int, fm_batch: int
 
   return {"step": lambda: model.step(x, y), "block_step": block_step,
           "dt_predict": lambda: model.predict(x), "fm_predict": lambda: fm.predict(x_fm)}
+
+
+def serve(spec: dict) -> None:
+  """Time on request, in this process, as `benchmark.py` asks through stdin/stdout.
+
+  `spec`: the `timers` arguments and `threads`. Writes one JSON line {"torch": version}
+  once ready, then answers each request line "ITEM N" (ITEM a `timers` key) with one JSON
+  line: the N seconds of N timed calls, after one untimed call. The benchmark runs PyTorch
+  here, in a process of its own, because importing `noprop_jax` changes the process's
+  malloc settings (`noprop_jax.host_memory`): a PyTorch user's process has glibc's defaults.
+  """
+  torch.set_num_threads(spec.pop("threads"))
+  timed = timers(**spec)
+  print(json.dumps({"torch": torch.__version__}), flush=True)
+  for line in sys.stdin:
+    item, n = line.split()
+    # Untimed: the other process's threads may still be spinning, or its caches warm.
+    timed[item]()
+    times = []
+    for _ in range(int(n)):
+      t0 = time.perf_counter()
+      timed[item]()
+      times.append(time.perf_counter() - t0)
+    print(json.dumps(times), flush=True)
+
+
+if __name__ == "__main__":
+  # python torch_reference.py --serve '{"input_shape": [28, 28, 1], ...}' (benchmark.py's child)
+  if sys.argv[1:2] != ["--serve"] or len(sys.argv) != 3:
+    sys.exit("usage: torch_reference.py --serve SPEC_JSON (run by experiments/benchmark.py)")
+  spec = json.loads(sys.argv[2])
+  spec["input_shape"] = tuple(spec["input_shape"])
+  serve(spec)
