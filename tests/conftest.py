@@ -4,6 +4,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
 
 import jax
 import pytest
+from jax._src import lru_cache
 
 # Implicit rank promotion is a bug in our code. Strict *dtype* promotion is applied
 # per test (`strict_dtypes`) around our own math: optax's AdamW needs standard rules.
@@ -29,10 +30,33 @@ def traces() -> list[str]:
   yield _TRACES
 
 
+def _atomic_cache_put(self, key: str, value: bytes) -> None:
+  """JAX's file cache writes an entry in place; with two workers on one directory the
+  other could read it half written. Write it aside and rename it into place instead."""
+  path = self.path / f"{key}{lru_cache._CACHE_SUFFIX}"
+  if path.exists():
+    return
+  tmp = self.path / f".{key}.{os.getpid()}.tmp"
+  tmp.write_bytes(value)
+  os.replace(tmp, path)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """Share compiled programs between tests that build the same step more than once."""
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+def _compilation_cache(tmp_path_factory, worker_id):
+  """Share compiled programs between tests that build the same step more than once.
+
+  One directory per pytest session: under xdist the workers' base temp dirs share a parent
+  that is new for each session, so both workers reuse each other's programs, and no entry
+  outlives the session's own temp dir or reaches another session."""
+  if worker_id == "master":
+    cache = tmp_path_factory.mktemp("jax_cache")
+  else:
+    cache = tmp_path_factory.getbasetemp().parent / "jax_cache"
+    cache.mkdir(exist_ok=True)
+  # Eviction off (max size -1, the default): the unlocked put below is then all there is.
+  assert jax.config.jax_compilation_cache_max_size == -1
+  lru_cache.LRUCache.put = _atomic_cache_put
+  jax.config.update("jax_compilation_cache_dir", str(cache))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   yield
@@ -57,3 +81,43 @@ def build(cfg, input_shape=None, num_classes=None):
   shape, m = SHAPES.get(cfg.data.dataset, (None, None))
   compute = trainer.resolve_compute(cfg)
   return compute, trainer.build_model(cfg, input_shape or shape, num_classes or m, compute)
+
+
+# ----------------------------------------------------------------------------- test order
+# The suite runs on two xdist workers, which take tests in collection order. Started last,
+# a long test leaves the other worker idle at the end; started first, the short tests fill
+# in around it. So the longest (by a full run's --durations, longest first) go first; the
+# rest keep their order. A renamed test only loses its place, nothing else.
+LONGEST_FIRST = (
+    "tests/test_mesh.py::",
+    "tests/test_torch_reference.py::test_the_benchmark_times_both_side_by_side",
+    "tests/test_continual.py::test_one_run_end_to_end_on_the_digits",
+    "tests/test_benchmark.py::test_benchmark_rows",
+    "tests/test_parallel.py::test_every_blocks_per_step_setting_trains_to_the_same_parameters",
+    "tests/test_compare.py::test_a_row_trains_and_is_tabled_with_memory_and_block_calls",
+    "tests/test_parallel.py::test_auto_blocks_per_step_takes_the_largest_that_fits",
+    "tests/test_notebook.py::test_notebook_runs_and_reports_accuracies",
+    "tests/test_baselines.py::test_backprop_trains_and_evaluates",
+    "tests/test_readme.py::",
+    "tests/test_trainer.py::test_short_digits_run_learns_and_writes_metrics",
+    "tests/test_baselines.py::test_backprop_chain_is_eq_17_to_19_and_gradients_cross_blocks",
+    "tests/test_reproduce.py::test_end_to_end_on_digits",
+    "tests/test_trainer.py::test_cli_trains_on_a_npz_file",
+    "tests/test_parallel.py::test_bfloat16_computes_in_bf16_and_keeps_float32_state",
+    "tests/test_diffusion_blocks.py::test_every_blocks_per_step_setting_gives_the_same_step",
+    "tests/test_parallel.py::test_training_loop_has_no_hidden_host_transfers",
+    "tests/test_multihost.py::",
+    "tests/test_dt.py::test_train_step_updates_each_block_from_its_own_data_only",
+    "tests/test_baselines.py::test_adjoint_model_gradients_match_backprop_through_the_solve",
+    "tests/test_dt.py::test_step_gradient_is_the_gradient_of_the_loss",
+    "tests/test_vit_block.py::test_noprop_dt_learns_the_digits_with_vit_blocks",
+    "tests/test_blocks.py::test_image_path_is_the_papers_conv_relu_pool_order",
+    "tests/test_local.py::test_memory_per_step_is_like_noprop_dts_scan_not_like_backprops",
+)
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    return next((i for i, p in enumerate(LONGEST_FIRST) if item.nodeid.startswith(p)),
+                len(LONGEST_FIRST))
+  items.sort(key=rank)  # stable: the rest keep their order
