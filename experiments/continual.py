@@ -125,13 +125,17 @@ class Learner:
   """A method's model, jitted step and predict for one (method, block), shared by seeds."""
 
   multihead = False  # one output head per task (`PlainLearner` only)
+  T = None  # blocks, where the method has a number of blocks
 
   def __init__(self, method: str, block: str, ds: data.Dataset, batch_size: int, lr: float,
-               inference_steps: int | None):
+               inference_steps: int | None, T: int | None = None):
     settings = dict(block=block, batch_size=batch_size, lr=lr)
     if method in ("ct", "fm", "adjoint") and inference_steps:
       settings["inference_steps"] = inference_steps
+    if T and method not in ("ct", "fm", "adjoint"):  # the continuous-time methods have no T
+      settings["T"] = T
     self.cfg = RunConfig.create(method, **settings)
+    self.T = None if method in ("ct", "fm", "adjoint") else self.cfg.T  # in results.json
     self.batch_size = batch_size
     self.mod = METHODS[method]
     self.compute = trainer.resolve_compute(self.cfg)
@@ -236,7 +240,7 @@ def make_learner(method: str, block: str, ds: data.Dataset, tasks: list[Task], a
   if method == PLAIN_MH:
     return PlainLearner(ds, args.batch_size, args.lr,
                         task_of=task_of_class(tasks, ds.num_classes))
-  return Learner(method, block, ds, args.batch_size, args.lr, args.inference_steps)
+  return Learner(method, block, ds, args.batch_size, args.lr, args.inference_steps, args.T)
 
 
 def score(learner: Learner, state, tasks: list[Task], scenario: str) -> dict[str, np.ndarray]:
@@ -354,6 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--inference-steps", type=int, default=100, help="ct, fm, adjoint: Euler steps")
+  p.add_argument("--T", type=int, default=None,
+                 help="blocks of the discrete-time methods (dt, backprop, ...; default: theirs, 10)")
   p.add_argument("--out", default="runs/continual")
   p.add_argument("--report", nargs="+", metavar="OUT", default=None,
                  help="print one table of these runs' results.json (class-incremental rows "
@@ -413,7 +419,7 @@ def main(argv=None) -> int:
       t0 = time.perf_counter()
       learner = make_learner(method, block, ds, tasks, args)
       r = {"method": method, "block": block, "scenario": args.scenario, "dataset": ds.name,
-           "steps_per_task": steps, "R": {}, "joint": {}}
+           "steps_per_task": steps, "T": learner.T, "R": {}, "joint": {}}
       for seed in range(args.seeds):
         for k, R in run_sequence(learner, tasks, args.scenario, steps, seed).items():
           r["R"].setdefault(k, []).append(R.tolist())

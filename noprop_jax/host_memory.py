@@ -42,11 +42,13 @@ def keep_host_memory() -> str:
   if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
     status = "off"
     return status
-  try:
-    libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-    libc and libc.gnu_get_libc_version  # glibc only: musl's malloc has no such settings
-  except (OSError, AttributeError):
-    libc = None
+  libc = None
+  if sys.platform.startswith("linux"):
+    try:
+      libc = ctypes.CDLL("libc.so.6")
+      libc.gnu_get_libc_version  # glibc only: musl's malloc has no such settings
+    except (OSError, AttributeError):
+      libc = None
   if libc is None:
     status = "unsupported"
     return status

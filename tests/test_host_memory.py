@@ -9,8 +9,9 @@ import pytest
 
 from noprop_jax import host_memory
 
-# A program with a 64 MiB temporary (sin(x), consumed by a product), called a few times;
-# prints the status, the temporary's size and the page faults per call.
+# A program with a 64 MiB temporary (sin(x), consumed by a product), called 30 times;
+# prints the status, the temporary's size and the median page faults of a call (XLA frees
+# some buffers late, so a call now and then still grows the heap while it settles).
 PROBE = """
 import json, resource, sys
 if sys.argv[1] == "late":
@@ -19,13 +20,12 @@ import noprop_jax
 import jax, jax.numpy as jnp
 x, w = jnp.ones((8192, 2048)), jnp.ones((2048, 4))
 f = jax.jit(lambda x, w: jnp.sin(x) @ w).lower(x, w).compile()
-for _ in range(15):  # until malloc's heap has settled (XLA frees some buffers late)
+faults = []
+for _ in range(30):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x, w).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-  f(x, w).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
-print(json.dumps({"status": noprop_jax.host_memory.status, "faults": faults,
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"status": noprop_jax.host_memory.status, "faults": sorted(faults)[15],
                   "temp": f.memory_analysis().temp_size_in_bytes}))
 """
 
@@ -43,8 +43,8 @@ def test_the_freed_temporaries_stay_mapped_for_the_next_call():
   assert r["status"] == "kept"
   assert r["temp"] >= 64 * 2**20
   # Without the settings every call faults its 64 MiB temporary in again (16k pages here);
-  # with them, none once the heap has settled (a margin for a stray late free).
-  assert r["faults"] < 0.25 * r["temp"] / 4096, r
+  # with them, most calls fault none.
+  assert r["faults"] < 0.1 * r["temp"] / 4096, r
 
 
 def test_the_environment_variable_leaves_malloc_alone_and_a_late_import_says_so():
