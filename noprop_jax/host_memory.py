@@ -39,6 +39,8 @@ def keep_host_memory() -> str:
   """Configure glibc's malloc to keep freed memory mapped (see the module docstring) and
   return the resulting `status`. Idempotent; does nothing where it cannot apply."""
   global status
+  if status == "kept":  # already in place before the backends started
+    return status
   if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
     status = "off"
     return status
