@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from noprop_jax import core, data, trainer
-from noprop_jax.config import METHODS, RunConfig
+from noprop_jax.config import METHODS, RunConfig, method_settings
 from reproduce import Datasets, fmt_pct
 
 SCENARIOS = ("split", "permuted")
@@ -132,10 +132,11 @@ class Learner:
     settings = dict(block=block, batch_size=batch_size, lr=lr)
     if method in ("ct", "fm", "adjoint") and inference_steps:
       settings["inference_steps"] = inference_steps
-    if T and method not in ("ct", "fm", "adjoint"):  # the continuous-time methods have no T
+    has_T = "T" in method_settings(method)  # the continuous-time methods have no blocks count
+    if T and has_T:
       settings["T"] = T
     self.cfg = RunConfig.create(method, **settings)
-    self.T = None if method in ("ct", "fm", "adjoint") else self.cfg.T  # in results.json
+    self.T = self.cfg.T if has_T else None  # in results.json
     self.batch_size = batch_size
     self.mod = METHODS[method]
     self.compute = trainer.resolve_compute(self.cfg)
