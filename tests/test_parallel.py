@@ -37,31 +37,50 @@ SETTINGS = [dict(formulation="unroll", blocks_per_step=2), dict(formulation="vma
             dict(formulation="scan")]
 
 
-def test_every_blocks_per_step_setting_trains_to_the_same_parameters():
-  """Chunks of k blocks (vmapped or unrolled, the chunks scanned) only reorder floats.
+def assert_same_state(state, ref, what):
+  """Equal up to float reordering, leaf by leaf: 2e-3 of the leaf's scale plus 1% of one Adam
+  step (lr = 1e-3). Leaves below 1e-3 are biases whose constant shift a later BatchNorm
+  removes: their gradient is zero up to float noise, which Adam turns into steps of up to lr,
+  so they are not comparable."""
+  got = dict(jax.tree_util.tree_leaves_with_path(state))
+  for path, a in jax.tree_util.tree_leaves_with_path(ref):
+    scale = float(np.abs(np.asarray(a, np.float64)).max())
+    if scale >= 1e-3:
+      np.testing.assert_allclose(got[path], a, rtol=0, atol=2e-3 * scale + 1e-5,
+                                 err_msg=f"{what}: {jax.tree_util.keystr(path)}")
 
+
+def test_every_blocks_per_step_setting_takes_the_same_step():
+  """Chunks of k blocks (vmapped or unrolled, the chunks scanned) only reorder floats: from
+  each state of a three-step reference run, every setting's step gives the reference's next
+  state (parameters, optimizer state, BatchNorm statistics, key, count) and block losses.
+
+  Step by step from the same states, not three steps each: the last block's Eq. 8 weight,
+  SNR(T) - SNR(T-1) ~ 1e4, grows float differences of ~1e-6 to a few % of its parameters
+  within three steps, by an amount that depends on how the compiler orders the sums.
   One convolution for all settings: 'auto' picks the GEMM convolution for all T unrolled
-  and the patches one otherwise, and their float differences (~1e-6) grow to ~5% in the
-  last block within three steps for some seeds (its Eq. 8 weight, SNR(T) - SNR(T-1), is
-  ~1e4), which would hide what this test is about."""
+  and the patches one otherwise, whose float differences would add to that."""
   assert trainer.resolve_compute(_cfg(formulation="unroll")).blocks_per_step == 4
   assert trainer.resolve_compute(_cfg(formulation="scan")).blocks_per_step == 1
-  ref, m_ref = _steps(_cfg(formulation="vmap", conv_impl="patches"))
+
+  def stepper(cfg):
+    compute, model = build(cfg)
+    return trainer.init_state(cfg, model, jax.random.key(0)), jax.jit(
+        partial(dt.train_step, model, cfg.train.optim, compute))
+
+  batches = [(DIGITS.train.images[64 * i:64 * (i + 1)], DIGITS.train.labels[64 * i:64 * (i + 1)])
+             for i in range(3)]
+  state, ref_step = stepper(_cfg(formulation="vmap", conv_impl="patches"))
+  ref = [(state, None)]
+  for x, y in batches:
+    ref.append(ref_step(ref[-1][0], x, y))
   for kw in SETTINGS:
-    state, m = _steps(_cfg(conv_impl="patches", **kw))
-    for path, a in jax.tree_util.tree_leaves_with_path(ref):
-      b = dict(jax.tree_util.tree_leaves_with_path(state))[path]
-      scale = float(np.abs(np.asarray(a, np.float64)).max())
-      if scale < 1e-3:
-        # Biases whose constant shift a later BatchNorm removes get a zero gradient up to
-        # float noise; Adam turns that noise into steps of up to ~1e-4: not comparable. Trained
-        # parameters move ~lr = 1e-3 per step; those biases also shift BatchNorm means by
-        # ~1e-4 of their scale, and Adam amplifies float noise in any near-zero gradient
-        # component to a step of up to lr, hence 2e-3 of the scale plus 1% of one step.
-        continue
-      np.testing.assert_allclose(b, a, rtol=0, atol=2e-3 * scale + 1e-5,
-                                 err_msg=f"{kw}: {jax.tree_util.keystr(path)}")
-    np.testing.assert_allclose(m["block_loss"], m_ref["block_loss"], rtol=1e-4)
+    _, step = stepper(_cfg(conv_impl="patches", **kw))
+    for i, (x, y) in enumerate(batches):
+      state, m = step(ref[i][0], x, y)
+      want, m_want = ref[i + 1]
+      assert_same_state(state, want, f"{kw} step {i}")
+      np.testing.assert_allclose(m["block_loss"], m_want["block_loss"], rtol=1e-4)
 
 
 def test_chunks_reach_every_block_once():
