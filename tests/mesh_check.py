@@ -58,10 +58,11 @@ def _stepper(cfg: RunConfig):
   return one
 
 
-def compare(ref_cfg: RunConfig, cfg: RunConfig, steps: int = 3):
+def compare(ref_cfg: RunConfig, cfg: RunConfig, steps: int = 2):
   """`steps` steps of the reference run, and cfg's step from each state the reference
   passes through: the worst `max_diff` over the steps, cfg's last state and the
-  relative difference of its last loss.
+  relative difference of its last loss. Two steps: the first from the initial state,
+  the second from one with a nonzero step count, Adam moments and BatchNorm averages.
 
   Step by step from the same states, not a run each: NoProp-DT's last block (its Eq. 8
   weight is ~1e4) grows float differences of ~1e-6 to a few % of its parameters within
