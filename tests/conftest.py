@@ -50,9 +50,14 @@ def _compilation_cache(tmp_path_factory, worker_id):
     cache.mkdir(exist_ok=True)
   # Both workers may write the same entry at once; a reader of a half-written entry gets
   # a read error, which JAX reports as a warning and answers by compiling (never wrong).
-  jax.config.update("jax_compilation_cache_dir", str(cache))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # The processes the tests start (scripts, a notebook's kernel, simulated hosts) read
+  # the same settings from the environment, so a resumed run reuses the first's programs.
+  settings = {"jax_compilation_cache_dir": str(cache),
+              "jax_persistent_cache_min_compile_time_secs": 0.5,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
   yield
 
 
