@@ -21,8 +21,8 @@ def test_sharded_steps_on_eight_simulated_devices_match_one_device():
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["devices"] == 8
-  # Two steps of T = 4 blocks, batch 64, each from the single-device run's state: equal to
-  # one device up to float reordering.
+  # A step of T = 4 blocks, batch 64, from a state of the single-device run: equal to one
+  # device's step up to float reordering.
   for case, blocks in (("dt blocks=4,data=2 k=0", 4), ("dt blocks=2,data=4 k=2", 2)):  # k=2: chunks
     r = result[case]
     assert r["diff"] <= 1.0, (case, r)  # mesh_check.max_diff: within the reordering tolerance

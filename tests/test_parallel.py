@@ -65,17 +65,16 @@ def test_every_blocks_per_step_setting_takes_the_same_step():
 
   def stepper(cfg):
     compute, model = build(cfg)
-    return trainer.init_state(cfg, model, jax.random.key(0)), jax.jit(
-        partial(dt.train_step, model, cfg.train.optim, compute))
+    return jax.jit(partial(dt.train_step, model, cfg.train.optim, compute))
 
   batches = [(DIGITS.train.images[64 * i:64 * (i + 1)], DIGITS.train.labels[64 * i:64 * (i + 1)])
              for i in range(3)]
-  state, ref_step = stepper(_cfg(formulation="vmap", conv_impl="patches"))
-  ref = [(state, None)]
+  cfg = _cfg(formulation="vmap", conv_impl="patches")
+  ref, ref_step = [(trainer.init_state(cfg, build(cfg)[1], jax.random.key(0)), None)], stepper(cfg)
   for x, y in batches:
     ref.append(ref_step(ref[-1][0], x, y))
   for kw in SETTINGS:
-    _, step = stepper(_cfg(conv_impl="patches", **kw))
+    step = stepper(_cfg(conv_impl="patches", **kw))
     for i, (x, y) in enumerate(batches):
       state, m = step(ref[i][0], x, y)
       want, m_want = ref[i + 1]
