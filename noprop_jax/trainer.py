@@ -9,6 +9,7 @@ banner.
 
 import contextlib
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -74,10 +75,31 @@ def make_epoch_step(cfg: RunConfig, model, compute: core.Compute, n_train: int) 
   the batches it would have seen. Sequential training (Algorithm 1) updates block
   p % T during pass p. With a mesh, the batch is split on 'data' and the method's
   stacked state on 'blocks'.
+
+  One per setting in a process: another run with the same settings (another seed, a
+  resumed run, a notebook's next call) reuses the step already traced and compiled.
   """
-  method, B = METHODS[cfg.method], cfg.train.batch_size
-  per_pass, optim = n_train // B, cfg.train.optim
-  mesh = sharding.make_mesh(cfg.train.mesh)
+  tr = cfg.train
+  return _once_per_setting(_epoch_step, cfg.method, tr.batch_size, tr.optim, tr.mesh, tr.training,
+                           cfg.T, model, compute, n_train)
+
+
+def _once_per_setting(build: Callable, *settings) -> Callable:
+  """`build(*settings)`, cached on the settings; built anew where they cannot be hashed
+  (a user's block with, say, a list attribute)."""
+  try:
+    hash(settings)
+  except TypeError:
+    return build.__wrapped__(*settings)
+  return build(*settings)
+
+
+@functools.lru_cache(maxsize=16)
+def _epoch_step(method_name: str, B: int, optim: core.Optim, mesh_spec: str, training: str, T: int,
+                model, compute: core.Compute, n_train: int) -> Callable:
+  """`make_epoch_step` from the settings it reads, all hashable: the cache's key."""
+  method, per_pass = METHODS[method_name], n_train // B
+  mesh = sharding.make_mesh(mesh_spec)
 
   def step(state, inputs, labels):
     p, i = jnp.divmod(state["step"], per_pass)
@@ -86,8 +108,8 @@ def make_epoch_step(cfg: RunConfig, model, compute: core.Compute, n_train: int) 
     x, y = inputs[idx], labels[idx]
     if mesh is not None:
       x, y = sharding.constrain((x, y), sharding.batch_sharding(mesh))
-    if cfg.train.training == "sequential":
-      state, m = method.sequential_step(model, optim, compute, state, x, y, p % cfg.T)
+    if training == "sequential":
+      state, m = method.sequential_step(model, optim, compute, state, x, y, p % T)
     else:
       state, m = method.train_step(model, optim, compute, state, x, y)
     if mesh is not None:
@@ -136,11 +158,18 @@ def fit_blocks_per_step(cfg: RunConfig, num_classes: int, n_train: int, state, i
 def make_evaluator(cfg: RunConfig, model, compute: core.Compute, n: int, runs: int,
                    batch: int = 500) -> Callable:
   """Jitted `(state, inputs, labels, key) -> (mean-path accuracy, [runs] sampled accuracies)`
-  over a whole split: `lax.map` over fixed-size batches of the method's `eval_counts`."""
-  batch = min(batch, n)
+  over a whole split: `lax.map` over fixed-size batches of the method's `eval_counts`.
+  One per setting in a process, as `make_epoch_step`."""
+  return _once_per_setting(_evaluator, cfg.method, cfg.train.mesh, model, compute, n, runs,
+                           min(batch, n))
+
+
+@functools.lru_cache(maxsize=16)
+def _evaluator(method_name: str, mesh_spec: str, model, compute: core.Compute, n: int, runs: int,
+               batch: int) -> Callable:
   nb = math.ceil(n / batch)
-  counts = METHODS[cfg.method].eval_counts
-  mesh = sharding.make_mesh(cfg.train.mesh)
+  counts = METHODS[method_name].eval_counts
+  mesh = sharding.make_mesh(mesh_spec)
 
   def evaluate(state, inputs, labels, key):
     pad = nb * batch - n

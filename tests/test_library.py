@@ -70,6 +70,7 @@ def test_two_seeds_share_one_compiled_step(traces):
   assert models[0] == models[1] and hash(models[0]) == hash(models[1])  # static args: equal
   states = [trainer.init_state(c, m, jax.random.key(c.train.seed)) for c, m in zip(cfgs, models)]
   # The trainer's epoch step: built from the seed-0 config, run on both seeds' states.
+  trainer._epoch_step.cache_clear()  # (an earlier test may have built this step)
   step = trainer.make_epoch_step(cfgs[0], models[0], compute, n)
   traces.clear()
   s0, m0 = step(jax.tree.map(jnp.copy, states[0]), x, y)
@@ -88,6 +89,45 @@ def test_two_seeds_share_one_compiled_step(traces):
   # Neither init: the key is a traced argument.
   trainer.init_state(cfgs[0], models[0], jax.random.key(2))
   assert traces == [], f"a third seed re-initialised by retracing: {traces}"
+
+
+def test_the_trainer_builds_one_step_and_evaluator_per_setting():
+  """A second run in the process with the same settings (another seed, a resumed run)
+  gets the step and evaluator already traced; other settings get their own; settings
+  that cannot be hashed (a user's block with a list attribute) get a new one each time."""
+  cfg = RunConfig.create(dataset="digits", T=2, block="mlp", hidden=16, batch_size=32)
+  compute = trainer.resolve_compute(cfg)
+  model = lambda c: trainer.build_model(c, (8, 8, 1), 10, compute)
+  n = len(DIGITS.train.labels)
+  seed1 = RunConfig.create(dataset="digits", T=2, block="mlp", hidden=16, batch_size=32, seed=1)
+  assert trainer.make_epoch_step(cfg, model(cfg), compute, n) is trainer.make_epoch_step(
+      seed1, model(seed1), compute, n)
+  assert trainer.make_evaluator(cfg, model(cfg), compute, n, 2) is trainer.make_evaluator(
+      seed1, model(seed1), compute, n, 2)
+  other = RunConfig.create(dataset="digits", T=2, block="mlp", hidden=16, batch_size=64)
+  assert trainer.make_epoch_step(other, model(other), compute, n) is not trainer.make_epoch_step(
+      cfg, model(cfg), compute, n)
+  assert trainer.make_evaluator(cfg, model(cfg), compute, n, 3) is not trainer.make_evaluator(
+      cfg, model(cfg), compute, n, 2)
+  listy = dt.Model(ListBlock(10, widths=[16]), (8, 8, 1), 10, T=2)
+  with pytest.raises(TypeError):
+    hash(listy)
+  assert trainer.make_epoch_step(cfg, listy, compute, n) is not trainer.make_epoch_step(
+      cfg, listy, compute, n)
+
+
+class ListBlock(nn.Module):
+  """A user's block with an unhashable (list) attribute."""
+
+  num_classes: int
+  widths: list
+
+  @nn.compact
+  def __call__(self, x, z):
+    h = x.reshape(x.shape[0], -1)
+    for w in self.widths:
+      h = nn.relu(nn.Dense(w)(h))
+    return nn.Dense(self.num_classes)(jnp.concatenate([h, z], -1))
 
 
 # ----------------------------------------------------------------------------- any block
