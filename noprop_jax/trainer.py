@@ -79,9 +79,12 @@ def make_epoch_step(cfg: RunConfig, model, compute: core.Compute, n_train: int) 
   One per setting in a process: another run with the same settings (another seed, a
   resumed run, a notebook's next call) reuses the step already traced and compiled.
   """
-  tr = cfg.train
-  return _once_per_setting(_epoch_step, cfg.method, tr.batch_size, tr.optim, tr.mesh, tr.training,
-                           cfg.T, model, compute, n_train)
+  tr, method = cfg.train, METHODS[cfg.method]
+  # The method's step functions are part of the key: one replaced (a test's monkeypatch,
+  # a user's experiment) gets a step of its own.
+  steps = (method.train_step, getattr(method, "sequential_step", None))
+  return _once_per_setting(_epoch_step, cfg.method, steps, tr.batch_size, tr.optim, tr.mesh,
+                           tr.training, cfg.T, model, compute, n_train)
 
 
 def _once_per_setting(build: Callable, *settings) -> Callable:
@@ -95,10 +98,11 @@ def _once_per_setting(build: Callable, *settings) -> Callable:
 
 
 @functools.lru_cache(maxsize=16)
-def _epoch_step(method_name: str, B: int, optim: core.Optim, mesh_spec: str, training: str, T: int,
-                model, compute: core.Compute, n_train: int) -> Callable:
+def _epoch_step(method_name: str, steps: tuple[Callable, Callable | None], B: int,
+                optim: core.Optim, mesh_spec: str, training: str, T: int, model,
+                compute: core.Compute, n_train: int) -> Callable:
   """`make_epoch_step` from the settings it reads, all hashable: the cache's key."""
-  method, per_pass = METHODS[method_name], n_train // B
+  method, (train_step, sequential_step), per_pass = METHODS[method_name], steps, n_train // B
   mesh = sharding.make_mesh(mesh_spec)
 
   def step(state, inputs, labels):
@@ -109,9 +113,9 @@ def _epoch_step(method_name: str, B: int, optim: core.Optim, mesh_spec: str, tra
     if mesh is not None:
       x, y = sharding.constrain((x, y), sharding.batch_sharding(mesh))
     if training == "sequential":
-      state, m = method.sequential_step(model, optim, compute, state, x, y, p % T)
+      state, m = sequential_step(model, optim, compute, state, x, y, p % T)
     else:
-      state, m = method.train_step(model, optim, compute, state, x, y)
+      state, m = train_step(model, optim, compute, state, x, y)
     if mesh is not None:
       state = sharding.constrain(state, sharding.state_shardings(method.STACKED, mesh, state))
       # The few metric values on every device: each host reads them (to log, to check the
@@ -160,15 +164,14 @@ def make_evaluator(cfg: RunConfig, model, compute: core.Compute, n: int, runs: i
   """Jitted `(state, inputs, labels, key) -> (mean-path accuracy, [runs] sampled accuracies)`
   over a whole split: `lax.map` over fixed-size batches of the method's `eval_counts`.
   One per setting in a process, as `make_epoch_step`."""
-  return _once_per_setting(_evaluator, cfg.method, cfg.train.mesh, model, compute, n, runs,
-                           min(batch, n))
+  return _once_per_setting(_evaluator, METHODS[cfg.method].eval_counts, cfg.train.mesh, model,
+                           compute, n, runs, min(batch, n))
 
 
 @functools.lru_cache(maxsize=16)
-def _evaluator(method_name: str, mesh_spec: str, model, compute: core.Compute, n: int, runs: int,
+def _evaluator(counts: Callable, mesh_spec: str, model, compute: core.Compute, n: int, runs: int,
                batch: int) -> Callable:
   nb = math.ceil(n / batch)
-  counts = METHODS[method_name].eval_counts
   mesh = sharding.make_mesh(mesh_spec)
 
   def evaluate(state, inputs, labels, key):

@@ -91,10 +91,11 @@ def test_two_seeds_share_one_compiled_step(traces):
   assert traces == [], f"a third seed re-initialised by retracing: {traces}"
 
 
-def test_the_trainer_builds_one_step_and_evaluator_per_setting():
+def test_the_trainer_builds_one_step_and_evaluator_per_setting(monkeypatch):
   """A second run in the process with the same settings (another seed, a resumed run)
-  gets the step and evaluator already traced; other settings get their own; settings
-  that cannot be hashed (a user's block with a list attribute) get a new one each time."""
+  gets the step and evaluator already traced; other settings and a replaced method step
+  get their own; settings that cannot be hashed (a user's block with a list attribute)
+  get a new one each time."""
   cfg = RunConfig.create(dataset="digits", T=2, block="mlp", hidden=16, batch_size=32)
   compute = trainer.resolve_compute(cfg)
   model = lambda c: trainer.build_model(c, (8, 8, 1), 10, compute)
@@ -109,6 +110,10 @@ def test_the_trainer_builds_one_step_and_evaluator_per_setting():
       cfg, model(cfg), compute, n)
   assert trainer.make_evaluator(cfg, model(cfg), compute, n, 3) is not trainer.make_evaluator(
       cfg, model(cfg), compute, n, 2)
+  step = trainer.make_epoch_step(cfg, model(cfg), compute, n)
+  real = dt.train_step
+  monkeypatch.setattr(dt, "train_step", lambda *a: real(*a))  # a replaced method step
+  assert trainer.make_epoch_step(cfg, model(cfg), compute, n) is not step
   listy = dt.Model(ListBlock(10, widths=[16]), (8, 8, 1), 10, T=2)
   with pytest.raises(TypeError):
     hash(listy)
