@@ -5,7 +5,7 @@ import os
 # about a quarter of the CPU time and runs somewhat slower: the tests check values, not
 # speed. The subprocesses the tests start inherit these flags. To run the tests as users'
 # programs are compiled, set XLA_FLAGS yourself, e.g. XLA_FLAGS=--xla_cpu_multi_thread_eigen=true:
-# the suite passes both ways.
+# the tests are written to pass both ways.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true "
                       "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 

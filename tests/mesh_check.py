@@ -28,20 +28,10 @@ def _model(cfg: RunConfig):
   return compute, trainer.build_model(cfg, DIGITS.train.images.shape[1:], DIGITS.num_classes, compute)
 
 
-_STEPPERS = {}
-
-
 def stepper(cfg: RunConfig):
   """state -> (state, metrics): one step of the trainer's jitted epoch step on cfg's mesh,
-  from a copy of the state placed there (the step donates its input). One per config:
-  the DT reference serves two comparisons and compiles once."""
-  name = json.dumps(cfg.to_dict(), sort_keys=True)
-  if name not in _STEPPERS:
-    _STEPPERS[name] = _stepper(cfg)
-  return _STEPPERS[name]
-
-
-def _stepper(cfg: RunConfig):
+  from a copy of the state placed there (the step donates its input). The trainer builds
+  one step per setting, so the DT reference compiles once for both comparisons."""
   mesh = sharding.make_mesh(cfg.train.mesh)
   compute, model = _model(cfg)
   on = None
