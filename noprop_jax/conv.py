@@ -3,10 +3,11 @@
 XLA:CPU emits the weight gradient of a convolution very slowly when the
 convolution sits under `jax.vmap` (a batch-group-count convolution) or inside a
 loop body, far slower than the same product as a GEMM (the README's benchmark
-section has the figures). `conv2d` keeps the stock forward and
-input-gradient convolutions and writes the weight gradient as
-`patches^T @ grad_out`, which XLA turns into one GEMM (a batched GEMM under
-`vmap`). Mathematically it is the same function with the same gradient.
+section has the figures). `conv2d` keeps the stock forward convolution, writes
+the input gradient as a forward convolution too (see `_bwd`) and the weight
+gradient as `patches^T @ grad_out`, which XLA turns into one GEMM (a batched
+GEMM under `vmap`). Mathematically it is the same function with the same
+gradient.
 """
 
 from functools import partial
@@ -35,8 +36,12 @@ def _fwd(x, w, padding):
 def _bwd(padding, res, g_NHWO):
   x, w = res
   kh, kw, c, o = w.shape
-  _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, padding), x)
-  (dx,) = vjp_x(g_NHWO)
+  # The input gradient as a forward convolution of the gradient with the flipped kernel,
+  # its in/out channels swapped: XLA:CPU runs that through its convolution library, where
+  # JAX's own transposed convolution (kernel dims 01oi) gets XLA's generic loop.
+  pads = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), _pads(padding, kh, kw))]
+  dx = lax.conv_general_dilated(g_NHWO.astype(x.dtype), jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2),
+                                (1, 1), pads, dimension_numbers=_DN)
   # Patches are ordered channel-major: feature index = c * kh * kw + i * kw + j.
   p_NHWP = lax.conv_general_dilated_patches(x, (kh, kw), (1, 1), padding, dimension_numbers=_DN)
   dw_PO = jnp.einsum("nhwp,nhwo->po", p_NHWP, g_NHWO.astype(p_NHWP.dtype))
@@ -74,13 +79,17 @@ def col2im(p_NHWP: jax.Array, k: int = 3) -> jax.Array:
   return sum(pad(p[:, :, :, i * k + j], i, j) for i in range(k) for j in range(k))
 
 
+def _pads(padding: str, *ks: int) -> list[tuple[int, int]]:
+  """(low, high) padding of each spatial dim for a stride-1 kernel of sides `ks`."""
+  if padding not in ("VALID", "SAME"):
+    raise ValueError(f"padding must be 'VALID' or 'SAME', got {padding!r}")
+  return [(0, 0) if padding == "VALID" else ((k - 1) // 2, k - 1 - (k - 1) // 2) for k in ks]
+
+
 def pad_same(x_NHWC: jax.Array, k: int, padding: str) -> jax.Array:
   if padding == "VALID":
     return x_NHWC
-  if padding != "SAME":
-    raise ValueError(f"padding must be 'VALID' or 'SAME', got {padding!r}")
-  lo = (k - 1) // 2
-  return jnp.pad(x_NHWC, ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
+  return jnp.pad(x_NHWC, ((0, 0), *_pads(padding, k, k), (0, 0)))
 
 
 def _gemm_forward(x, w, padding):

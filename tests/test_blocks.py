@@ -93,13 +93,13 @@ def test_paper_block_needs_images_and_pads_small_ones():
       blocks.BlockConfig(**bad)
 
 
-@pytest.mark.parametrize("impl", ["patches", "gemm"])
+@pytest.mark.parametrize("impl, kernel", [("patches", (3, 3)), ("patches", (2, 3)), ("gemm", (3, 3))])
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
-def test_custom_convs_have_the_stock_value_and_gradient(padding, impl):
+def test_custom_convs_have_the_stock_value_and_gradient(padding, impl, kernel):
   conv2d = {"patches": conv_patches, "gemm": conv2d_gemm}[impl]
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (3, 9, 7, 5))
-  w = jax.random.normal(kw, (3, 3, 5, 4))
+  w = jax.random.normal(kw, (*kernel, 5, 4))
   stock = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), padding,
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
   y = stock(x, w)
@@ -112,8 +112,9 @@ def test_custom_convs_have_the_stock_value_and_gradient(padding, impl):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   # and under vmap over stacked weights, as the blocks use it
   ws = jnp.stack([w, 2 * w])
-  got = jax.vmap(jax.grad(f(lambda x, w: conv2d(x, w, padding)), argnums=1), (None, 0))(x, ws)
-  np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+  got = jax.vmap(jax.grad(f(lambda x, w: conv2d(x, w, padding)), argnums=(0, 1)), (None, 0))(x, ws)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape, padding, cropped", [
