@@ -69,13 +69,14 @@ def test_restricted_prediction_never_leaves_the_tasks_classes():
 
 
 def test_one_run_end_to_end_on_the_digits(tmp_path):
-  argv = ["--dataset", "digits", "--methods", "dt", "plain", "--steps-per-task", "30", "--seeds", "2",
-          "--T", "3", "--out", str(tmp_path)]
+  # Small batches and T = 2 keep the test short (its time goes into the training steps).
+  argv = ["--dataset", "digits", "--methods", "dt", "plain", "--steps-per-task", "20", "--seeds", "2",
+          "--T", "2", "--batch-size", "32", "--out", str(tmp_path)]
   assert continual.main(argv) == 0
   r, plain = json.loads((tmp_path / "results.json").read_text())
   assert plain["method"] == "plain" and plain["block"] == "2x400" and plain["T"] is None
-  assert r["T"] == 3
-  assert np.asarray(plain["R"]["class_il"][0])[-1, -1] > 0.8  # the last task is learnt
+  assert r["T"] == 2
+  assert np.asarray(plain["R"]["class_il"][0])[-1, -1] > 0.7  # the last task is learnt
   assert set(r["R"]) == {"class_il", "task_il"} and len(r["R"]["class_il"]) == 2
   R = np.asarray(r["R"]["class_il"][0])
   assert R.shape == (5, 5)

@@ -40,14 +40,14 @@ def _state(workdir):
 
 
 def test_short_digits_run_learns_and_writes_metrics(tmp_path):
-  # The other tests' config (one compilation per worker), 55 steps: 0.97 on XLA:CPU.
-  s = _run(tmp_path, cfg=dict(epochs=5))
+  # The other tests' config (one compilation per worker), 33 steps: 0.90 on XLA:CPU.
+  s = _run(tmp_path, cfg=dict(epochs=3))
   assert s["test_accuracy"] >= 0.85, s  # chance is 0.10
   assert 0 <= s["test_accuracy_stochastic"] <= 1 and len(s["test_accuracy_stochastic_runs"]) == 2
   assert s["params_per_block"] == 526_730 and s["config"]["model"]["T"] == 2
-  assert s["input_shape"] == [8, 8, 1] and s["num_classes"] == 10 and s["steps"] == 55
+  assert s["input_shape"] == [8, 8, 1] and s["num_classes"] == 10 and s["steps"] == 33
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert [l["epoch"] for l in lines] == list(range(1, 6))
+  assert [l["epoch"] for l in lines] == list(range(1, 4))
   for key in ("train_loss", "train_accuracy", "test_accuracy", "seconds"):
     assert all(np.isfinite(l[key]) for l in lines)
   assert lines[-1]["train_loss"] < lines[0]["train_loss"]

@@ -214,6 +214,6 @@ def test_every_method_takes_the_vit_block(method):
 
 
 def test_noprop_dt_learns_the_digits_with_vit_blocks(tmp_path):
-  cfg = RunConfig.create("dt", block="vit", patch_size=2, T=2, epochs=5, inference_runs=1)
+  cfg = RunConfig.create("dt", block="vit", patch_size=2, T=2, epochs=3, inference_runs=1)
   s = trainer.train(cfg, tmp_path, progress=False, print_fn=lambda _: None)
-  assert s["test_accuracy"] > 0.5, s["test_accuracy"]  # chance is 0.1
+  assert s["test_accuracy"] > 0.5, s["test_accuracy"]  # 0.67 on XLA:CPU; chance is 0.1
