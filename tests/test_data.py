@@ -318,6 +318,19 @@ def test_digits_split_is_fixed_and_stratified():
   assert a.train.images.min() == 0.0 and a.train.images.max() == 1.0
 
 
+def test_digits_are_scikit_learns_whether_read_from_its_file_or_through_it(monkeypatch):
+  from sklearn.datasets import load_digits
+
+  want = load_digits()
+  assert data._sklearn_digits_file() is not None  # this install has the file: read directly
+  for found in (True, False):
+    if not found:
+      monkeypatch.setattr(data, "_sklearn_digits_file", lambda: None)
+    images, labels = data._digits_arrays()
+    np.testing.assert_array_equal(images, want.images)
+    np.testing.assert_array_equal(labels, want.target)
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="../shared/data/mnist not present")
 def test_real_mnist_verifies():
   ds = data.load("mnist", SHARED_MNIST)  # one .gz re-compressed: verified by content
