@@ -16,6 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from conftest import reordering_atol  # noqa: E402  (this script's folder: tests/)
 from noprop_jax import data, sharding, trainer  # noqa: E402
 from noprop_jax.config import METHODS, RunConfig  # noqa: E402
 
@@ -65,18 +66,14 @@ def compare(ref_cfg: RunConfig, cfg: RunConfig):
 
 
 def max_diff(a_tree, b_tree) -> float:
-  """max |a - b| / tolerance over the leaves training moves; <= 1 is a match.
-
-  The tolerance (as tests/test_parallel.py): 2e-3 of the leaf's scale plus 1% of
-  one Adam step (lr = 1e-3), since Adam turns float noise in a near-zero gradient
-  into a step of up to lr. Leaves below 1e-3 are biases BatchNorm makes irrelevant.
-  """
+  """max |a - b| / tolerance over the leaves training moves (conftest.reordering_atol, as
+  tests/test_parallel.py compares its states); <= 1 is a match."""
   worst = 0.0
   for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    scale = np.abs(a).max() if a.size else 0.0
-    if scale >= 1e-3:
-      worst = max(worst, float(np.abs(a - b).max() / (2e-3 * scale + 1e-5)))
+    atol = reordering_atol(a)
+    if atol is not None:
+      diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
+      worst = max(worst, float(diff / atol))
   return worst
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import build
+from conftest import build, reordering_atol
 from noprop_jax import core, data, dt, trainer
 from noprop_jax.config import RunConfig, parse_mesh
 
@@ -38,15 +38,12 @@ SETTINGS = [dict(formulation="unroll", blocks_per_step=2), dict(formulation="vma
 
 
 def assert_same_state(state, ref, what):
-  """Equal up to float reordering, leaf by leaf: 2e-3 of the leaf's scale plus 1% of one Adam
-  step (lr = 1e-3). Leaves below 1e-3 are biases whose constant shift a later BatchNorm
-  removes: their gradient is zero up to float noise, which Adam turns into steps of up to lr,
-  so they are not comparable."""
+  """Equal up to float reordering (`reordering_atol`), leaf by leaf."""
   got = dict(jax.tree_util.tree_leaves_with_path(state))
   for path, a in jax.tree_util.tree_leaves_with_path(ref):
-    scale = float(np.abs(np.asarray(a, np.float64)).max())
-    if scale >= 1e-3:
-      np.testing.assert_allclose(got[path], a, rtol=0, atol=2e-3 * scale + 1e-5,
+    atol = reordering_atol(a)
+    if atol is not None:
+      np.testing.assert_allclose(got[path], a, rtol=0, atol=atol,
                                  err_msg=f"{what}: {jax.tree_util.keystr(path)}")
 
 
