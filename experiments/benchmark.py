@@ -580,4 +580,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.keep_host_memory()  # on a CPU, before JAX computes anything
   sys.exit(main())

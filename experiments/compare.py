@@ -28,7 +28,7 @@ from pathlib import Path
 
 import jax
 
-from noprop_jax import core, trainer
+from noprop_jax import core, host_memory, trainer
 from noprop_jax.config import METHODS, RunConfig
 from reproduce import Datasets, fmt_duration
 
@@ -146,4 +146,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.keep_host_memory()  # on a CPU, before JAX computes anything
   sys.exit(main())

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from noprop_jax import core, data, trainer
+from noprop_jax import core, data, host_memory, trainer
 from noprop_jax.config import METHODS, RunConfig, method_settings
 from reproduce import Datasets, fmt_pct
 
@@ -440,4 +440,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.keep_host_memory()  # on a CPU, before JAX computes anything
   sys.exit(main())

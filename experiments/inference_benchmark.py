@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from noprop_jax import core, ct, fm, solvers, trainer
+from noprop_jax import core, ct, fm, host_memory, solvers, trainer
 from noprop_jax.config import RunConfig
 
 IMPLS = ("hoisted", "naive", "per_step")
@@ -190,4 +190,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.keep_host_memory()  # on a CPU, before JAX computes anything
   sys.exit(main())

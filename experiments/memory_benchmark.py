@@ -28,7 +28,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from noprop_jax import adjoint, backprop, core, dt, solvers, trainer
+from noprop_jax import adjoint, backprop, core, dt, host_memory, solvers, trainer
 from noprop_jax.config import METHODS, RunConfig
 
 PAPER_GB = {  # paper Table 3, GPU memory in training (GB): MNIST, CIFAR-10, CIFAR-100
@@ -174,4 +174,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host_memory.keep_host_memory()  # on a CPU, before JAX computes anything
   main()

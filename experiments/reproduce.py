@@ -39,7 +39,7 @@ matplotlib.use("Agg")
 import numpy as np
 from matplotlib.figure import Figure
 
-from noprop_jax import data
+from noprop_jax import data, host_memory
 from noprop_jax import workdir as run_files
 from noprop_jax.config import RunConfig, method_settings
 
@@ -560,4 +560,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.keep_host_memory()  # on a CPU, before JAX computes anything
   sys.exit(main())

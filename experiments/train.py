@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from noprop_jax import config
+from noprop_jax import config, host_memory
 
 CLI_ONLY = ("workdir", "checkpoint_every", "no_progress", "distributed", "flag_table")
 
@@ -87,4 +87,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  host_memory.keep_host_memory()  # on a CPU, before JAX computes anything
   sys.exit(main())

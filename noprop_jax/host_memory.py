@@ -10,13 +10,17 @@ in the process; the next step gets them back from malloc, already mapped. The pr
 the process keeps its peak host memory until it exits (as JAX's GPU client keeps the device
 memory it preallocates).
 
-The settings are process-wide and take effect only for threads that have not allocated
-yet, so they must be made before JAX starts its CPU backend: `import noprop_jax` calls
-`keep_host_memory()` then. Set NOPROP_JAX_KEEP_HOST_MEMORY=0 (before that import) to leave
-malloc as it is.
+The settings are process-wide, so the library never makes them on its own: a program
+calls `keep_host_memory()` (the scripts in experiments/ do, first thing), before JAX
+starts its CPU backend, since they take effect only for threads that have not allocated
+yet. They only apply where JAX will compute on the CPU: with a GPU or TPU the step's
+memory lives on the device, and the host's malloc is best left as it is. Set
+NOPROP_JAX_KEEP_HOST_MEMORY=0 to make the call do nothing.
 """
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
 import sys
 
@@ -24,9 +28,10 @@ ENV = "NOPROP_JAX_KEEP_HOST_MEMORY"
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
-# What the call at import did: 'kept' (malloc configured before JAX's backends started),
+# What `keep_host_memory` did: 'kept' (malloc configured before JAX's backends started),
 # 'late' (configured, but after a backend started: its threads keep their own heaps),
-# 'off' (the environment variable), 'unsupported' (not Linux with glibc).
+# 'off' (the environment variable), 'accelerator' (JAX will use a GPU or TPU backend),
+# 'unsupported' (not Linux with glibc), or 'not called'.
 status = "not called"
 
 
@@ -35,14 +40,30 @@ def _jax_backends_started() -> bool:
   return bool(getattr(xb, "_backends", None)) if xb is not None else False
 
 
+def accelerator_expected() -> bool:
+  """Whether JAX will pick a GPU or TPU backend, judged without starting one: the platforms
+  JAX is told to use (JAX_PLATFORMS) do not start with cpu, or, where none are named, a
+  GPU or TPU plugin is installed (it may still find no device and fall back to the CPU;
+  set JAX_PLATFORMS=cpu to say so)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return platforms.split(",")[0].strip() != "cpu"
+  plugins = importlib.metadata.entry_points(group="jax_plugins")
+  return bool(plugins) or importlib.util.find_spec("libtpu") is not None
+
+
 def keep_host_memory() -> str:
-  """Configure glibc's malloc to keep freed memory mapped (see the module docstring) and
-  return the resulting `status`. Idempotent; does nothing where it cannot apply."""
+  """Configure glibc's malloc to keep freed memory mapped (see the module docstring) where
+  JAX will compute on the CPU, and return the resulting `status`. Idempotent; does
+  nothing where it cannot or should not apply."""
   global status
   if status == "kept":  # already in place before the backends started
     return status
   if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
     status = "off"
+    return status
+  if accelerator_expected():
+    status = "accelerator"
     return status
   libc = None
   if sys.platform.startswith("linux"):

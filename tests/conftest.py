@@ -9,7 +9,11 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true "
                       "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 
-import jax
+from noprop_jax import host_memory  # noqa: E402
+
+host_memory.keep_host_memory()  # as the scripts do: on a CPU, before JAX computes anything
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 
