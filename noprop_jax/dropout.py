@@ -1,4 +1,4 @@
-"""Dropout with flax's exact mask, its random bits computed in one fused pass.
+"""Dropout with flax's exact mask, its random bits computed in one fused pass on XLA:CPU.
 
 `nn.Dropout` draws its mask with `jax.random.bernoulli`, whose threefry hash XLA:CPU
 lowers as a 5-iteration loop over the whole mask (JAX rolls the loop on CPU to compile
@@ -67,6 +67,17 @@ def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
   return u < np.float32(p)
 
 
+def keep_mask(key: jax.Array, keep: float, shape: tuple[int, ...]) -> jax.Array:
+  """Dropout's mask, `jax.random.bernoulli(key, keep, shape)`: on XLA:CPU by the fused hash,
+  materialised once (consumers that XLA duplicates, such as a convolution's k*k patch
+  slices, would otherwise each recompute it); elsewhere JAX's own, which the GPU and TPU
+  compilers already fuse. The same bits either way; the form is picked when the program
+  is lowered for its platform."""
+  return lax.platform_dependent(
+      key, cpu=lambda k: lax.optimization_barrier(bernoulli(k, keep, shape)),
+      default=lambda k: jax.random.bernoulli(k, keep, shape))
+
+
 class Dropout(nn.Module):
   """`nn.Dropout` (same rng collection, mask and scaling), with the fused random bits."""
 
@@ -81,7 +92,5 @@ class Dropout(nn.Module):
     if self.rate == 1.0:
       return jnp.zeros_like(x)
     keep = 1.0 - self.rate
-    # Materialised once: consumers that XLA duplicates (a convolution's k*k patch slices)
-    # would otherwise each recompute the hash.
-    mask = lax.optimization_barrier(bernoulli(self.make_rng("dropout"), keep, x.shape))
+    mask = keep_mask(self.make_rng("dropout"), keep, x.shape)
     return lax.select(mask, x / keep, jnp.zeros_like(x))
