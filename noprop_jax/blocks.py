@@ -212,7 +212,9 @@ def sinusoidal_embedding(t_B: jax.Array, dim: int = 64, scale: float = 1000.0,
                          max_period: float = 10_000.0) -> jax.Array:
   """Transformer position embedding of t * scale: [sin(t w_k), cos(t w_k)], k < dim / 2,
   with w_k = scale * max_period^(-k / (dim / 2)). Scaling t in [0, 1] to [0, 1000]
-  (DDPM's step index) gives the fastest frequencies resolution near 1e-3."""
+  (DDPM's step index) gives the fastest frequencies resolution near 1e-3. Computed in
+  float32 (t in bfloat16 would lose that resolution); cast the result, in [-1, 1], to the
+  compute dtype."""
   half = dim // 2
   w = scale * jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   arg = t_B.astype(jnp.float32)[..., None] * w.reshape((1,) * t_B.ndim + w.shape)
@@ -255,7 +257,7 @@ class CTBlock(nn.Module):
     self.out = nn.Dense(self.num_classes)
 
   def _z_t_features(self, z_BD, t_B, train=False):
-    h_t = nn.relu(self.t_fc(sinusoidal_embedding(t_B, self.t_dim)))
+    h_t = nn.relu(self.t_fc(sinusoidal_embedding(t_B, self.t_dim).astype(z_BD.dtype)))
     if self.prototype_shape is None:
       return nn.relu(self.z_fc(z_BD)), h_t
     return self.z_image(_as_images(z_BD, self.prototype_shape), train), h_t
@@ -331,7 +333,7 @@ class MLPTimeBlock(MLPBlock):
 
   def from_features(self, h_BH: jax.Array, z_BD: jax.Array, t: jax.Array,
                     train: bool = False) -> jax.Array:
-    h_t = nn.relu(self.t_layer(sinusoidal_embedding(t, self.t_dim)))
+    h_t = nn.relu(self.t_layer(sinusoidal_embedding(t, self.t_dim).astype(z_BD.dtype)))
     h_t = jnp.broadcast_to(h_t, (z_BD.shape[0], self.hidden))  # a scalar t serves the batch
     h = jnp.concatenate([h_BH, nn.relu(self.z_layer(z_BD)), h_t], axis=-1)
     return self.out(nn.relu(self.mix(h)))

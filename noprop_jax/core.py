@@ -259,14 +259,19 @@ def apply(block: nn.Module, variables: dict, *inputs, train: bool = False,
           precision: str = "float32") -> tuple[jax.Array, dict]:
   """`block.apply` for any block: passes `train` where the method takes it, updates the
   non-parameter collections (BatchNorm statistics) in training, and computes at
-  `precision`: with bfloat16 the float32 parameters and float inputs are cast inside, so
-  gradients return float32 to the parameters and the optimizer state stays float32.
+  `precision`: with bfloat16 the float32 parameters and the first two inputs (x or its
+  features, and z) are cast inside, so gradients return float32 to the parameters and
+  the optimizer state stays float32. A third input, the time or noise level t, stays
+  float32: a time embedding multiplies t by ~1000 before its sines, where bfloat16's
+  rounding of t (up to 2^-9 near 1) would be radians of phase. The block casts its
+  embedding of t, whose values are in [-1, 1], to the compute dtype itself.
   Returns (float32 output, updated collections: {} outside training or without any)."""
   dtype = compute_dtype(precision)
   cast = lambda t: jax.tree.map(
       lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t)
   if dtype != jnp.float32:
-    variables, inputs = {**variables, "params": cast(variables["params"])}, cast(inputs)
+    variables = {**variables, "params": cast(variables["params"])}
+    inputs = (*cast(inputs[:2]), *inputs[2:])
   mutable = ([c for c in variables if c != "params"] if train else []) or False
   kw = {"train": train} if _takes_train(block, method) else {}
   out = block.apply(variables, *inputs, method=None if method == "__call__" else method,

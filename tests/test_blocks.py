@@ -1,6 +1,7 @@
 """The provided blocks: exact parameter counts (paper Table 5), the feature split, and the
 custom-gradient convolution."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +193,47 @@ def test_image_path_is_the_papers_conv_relu_pool_order(shape, padding, impls):
     np.testing.assert_allclose(v_ours, v_ref, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
       np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(jnp.abs(b).max()))
+
+
+# ----------------------------------------------------------------------------- bfloat16 and t
+
+class TimeProbe(nn.Module):
+  """A time-conditioned block that returns its time embedding, computed as the provided
+  blocks compute theirs: in float32, cast to the compute dtype (z's)."""
+
+  @nn.compact
+  def __call__(self, x, z_BD, t_B):
+    return blocks.sinusoidal_embedding(t_B).astype(z_BD.dtype)
+
+
+def test_bfloat16_compute_keeps_the_time_input_float32():
+  """In bfloat16 the time embedding differs from float32's only by the rounding of its
+  values (in [-1, 1]: at most 2^-9), where rounding t itself (by up to 2^-9 near 1) would
+  shift the fastest sines' phases (t x 1000) by up to ~2 radians."""
+  t = jnp.linspace(0.5, 1.0, 4096)
+  x, z = jnp.zeros((t.size, 1)), jnp.zeros((t.size, 2))
+  probe = TimeProbe()
+  e16 = core.apply(probe, {"params": {}}, x, z, t, precision="bfloat16")[0]
+  e32 = core.apply(probe, {"params": {}}, x, z, t, precision="float32")[0]
+  assert np.abs(np.asarray(e16 - e32)).max() <= 2.0**-9
+  rounded = blocks.sinusoidal_embedding(t.astype(jnp.bfloat16))  # what casting t would give
+  assert np.abs(np.asarray(rounded - e32)).max() > 1.0
+
+
+@pytest.mark.parametrize("name", ["paper", "mlp", "vit"])
+def test_bfloat16_blocks_tell_apart_times_that_round_to_the_same_bfloat16(name):
+  """t = 0.9990 and 0.9995 are one bfloat16 number: a block that saw t in bfloat16 would
+  give them the same output."""
+  t_a, t_b = jnp.full((4,), 0.9990), jnp.full((4,), 0.9995)
+  assert t_a.astype(jnp.bfloat16)[0] == t_b.astype(jnp.bfloat16)[0]
+  shape = (8, 8, 1) if name != "mlp" else (64,)
+  cfg = blocks.BlockConfig(block=name, patch_size=4, dropout=0.0)
+  block = blocks.make(cfg, True, 10, shape)
+  x, z = jnp.full((4, *shape), 0.5), jnp.ones((4, 10))
+  v = core.init_block(block, jax.random.key(0), x, z, t_a)
+  # Away from initialisation (the ViT's adaLN-Zero starts with t gated off).
+  leaves, tree = jax.tree.flatten(v)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  v = jax.tree.unflatten(tree, [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+  out = lambda t: core.apply(block, v, x, z, t, precision="bfloat16")[0]
+  assert np.abs(np.asarray(out(t_a) - out(t_b))).max() > 1e-2
