@@ -475,11 +475,17 @@ def apply_if(ok: jax.Array, update: Callable[[State], State], state: State) -> S
   whole: parameters, optimizer state, statistics), with the step count advanced either way
   (the batch order and the noise follow it).
 
-  A `lax.cond`, not a select of new against old: the update is computed only when it is
-  applied, and the state's buffers stay in place. A select would read and write the whole
-  state once more every step, which on a CPU costs as much as the optimizer update itself.
+  On XLA:CPU a `lax.cond`: the update is computed only when it is applied, and the
+  state's buffers stay in place, where a select would read and write the whole state once
+  more every step (on a CPU as much as the optimizer update itself). Elsewhere a select
+  of new against old, which XLA fuses into the update's own kernels: XLA's GPU runtime
+  copies a conditional's predicate to the host and waits for it, so a `lax.cond` would
+  keep the host from queueing the next step until this one's gradients are done.
+  `lax.platform_dependent` picks the form when the step is lowered for its platform.
   """
-  new = lax.cond(ok, update, lambda s: s, state)
+  keep = lambda s: s
+  select = lambda s: jax.tree.map(lambda new, old: jnp.where(ok, new, old), update(s), s)
+  new = lax.platform_dependent(state, cpu=lambda s: lax.cond(ok, update, keep, s), default=select)
   return {**new, "step": state["step"] + 1}
 
 
