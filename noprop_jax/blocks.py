@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from noprop_jax.conv import conv2d, conv2d_gemm, pad_same
+from noprop_jax import sharding
+from noprop_jax.conv import conv2d, conv2d_gemm, conv_xla, pad_same
 from noprop_jax.dropout import Dropout
 
 ConvImpl = Literal["xla", "patches", "gemm"]
@@ -32,12 +33,14 @@ ConvImpl = Literal["xla", "patches", "gemm"]
 class Conv(nn.Module):
   """3x3 stride-1 convolution with a choice of weight-gradient implementation, and with
   `pool` a 2x2 max-pool between the convolution and the bias: max_pool(conv(x)) + b,
-  which is max_pool(conv(x) + b), the bias being constant over each window."""
+  which is max_pool(conv(x) + b), the bias being constant over each window. On a mesh's
+  'data' axis each device convolves its own examples (`sharding.per_example`)."""
 
   features: int
   padding: str = "VALID"
   impl: ConvImpl = "xla"
   pool: bool = False
+  stride: int = 1  # > 1: the stock convolution only
 
   @nn.compact
   def __call__(self, x_NHWC: jax.Array) -> jax.Array:
@@ -45,13 +48,11 @@ class Conv(nn.Module):
     w = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
     b = self.param("bias", nn.initializers.zeros, (self.features,))
     x_NHWC, padding = crop_for_pool(x_NHWC, self.padding) if self.pool else (x_NHWC, self.padding)
-    if self.impl == "patches":
-      y = conv2d(x_NHWC, w, padding)
-    elif self.impl == "gemm":
-      y = conv2d_gemm(x_NHWC, w, padding)
-    else:
-      y = jax.lax.conv_general_dilated(
-          x_NHWC, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.stride != 1 and self.impl != "xla":
+      raise ValueError(f"conv impl {self.impl!r} is stride 1 only; got stride {self.stride}")
+    conv = {"patches": conv2d, "gemm": conv2d_gemm,
+            "xla": lambda x, w, padding: conv_xla(x, w, padding, self.stride)}[self.impl]
+    y = sharding.per_example(lambda x, w: conv(x, w, padding))(x_NHWC, w)
     return (max_pool_2x2(y) if self.pool else y) + b[None, None, None, :]
 
 
@@ -386,8 +387,8 @@ class ConvStem(nn.Module):
     h = x_BHWC
     for i in range(n):
       last = i == n - 1
-      h = nn.Conv(self.width if last else max(1, self.width // 2), (3, 3), strides=2,
-                  name=f"conv{i}")(h)
+      h = Conv(self.width if last else max(1, self.width // 2), "SAME", stride=2,
+               name=f"conv{i}")(h)
       h = h if last else nn.gelu(h)
     return h.reshape(h.shape[0], -1, self.width)
 
@@ -574,13 +575,13 @@ class BlockConfig:
                        f"{self.vit_heads} (each head gets width / heads channels)")
 
 
-def resolve_conv_impl(conv_impl: str, looped: bool) -> str:
+def resolve_conv_impl(conv_impl: str, looped: bool, backend: str | None = None) -> str:
   """'auto' -> on XLA:CPU, im2col + GEMM ('gemm') for blocks unrolled in one program, and
   the matmul weight gradient ('patches') under vmap or in loops (the stock conv weight
-  gradient is very slow there); elsewhere the stock convolution."""
+  gradient is very slow there); on `backend` GPU/TPU (default: JAX's), the stock one."""
   if conv_impl != "auto":
     return conv_impl
-  if jax.default_backend() != "cpu":
+  if (backend or jax.default_backend()) != "cpu":
     return "xla"
   return "patches" if looped else "gemm"
 
@@ -592,13 +593,14 @@ def padding_for(input_shape: tuple[int, ...]) -> str:
 
 
 def make(cfg: BlockConfig, time_conditioned: bool, num_classes: int,
-         input_shape: tuple[int, ...], prototype: bool = False, looped: bool = False) -> nn.Module:
+         input_shape: tuple[int, ...], prototype: bool = False, looped: bool = False,
+         backend: str | None = None) -> nn.Module:
   """The block `cfg` names, for (x, z) (or (x, z, t) when `time_conditioned`).
 
   `prototype`: z is a prototype embedding of the input's size, which the paper's blocks
   read as an image through their own copy of the image pathway (the MLP and ViT blocks
   read it as any vector). `looped`: the blocks run under vmap or in a loop (picks the
-  CPU convolution); resolved here, before tracing.
+  CPU convolution); resolved here, before tracing, for `backend` (default: JAX's).
   """
   if cfg.block == "mlp":
     cls = MLPTimeBlock if time_conditioned else MLPBlock
@@ -613,5 +615,5 @@ def make(cfg: BlockConfig, time_conditioned: bool, num_classes: int,
                dropout=cfg.vit_dropout, stem=cfg.vit_stem)
   cls = CTBlock if time_conditioned else DTBlock
   return cls(num_classes, padding_for(input_shape), cfg.dropout,
-             resolve_conv_impl(cfg.conv_impl, looped),
+             resolve_conv_impl(cfg.conv_impl, looped, backend),
              prototype_shape=tuple(input_shape) if prototype else None)

@@ -21,6 +21,7 @@ from typing import Any
 
 from noprop_jax import adjoint, backprop, core, ct, diffusion_blocks, dt, fm, local
 from noprop_jax.blocks import BlockConfig
+from noprop_jax.sharding import parse_mesh
 
 METHODS = {"dt": dt, "ct": ct, "fm": fm, "backprop": backprop, "adjoint": adjoint,
            "diffusion_blocks": diffusion_blocks, "local": local}
@@ -90,23 +91,6 @@ class TrainConfig:
   @property
   def mesh_shape(self) -> dict[str, int]:
     return parse_mesh(self.mesh)
-
-
-def parse_mesh(spec: str) -> dict[str, int]:
-  """'blocks=4,data=2' -> {'blocks': 4, 'data': 2} (a missing axis has size 1; '' is one device)."""
-  sizes = {"blocks": 1, "data": 1}
-  for part in filter(None, (p.strip() for p in spec.split(","))):
-    name, eq, value = part.partition("=")
-    name = name.strip()
-    if not eq or name not in sizes:
-      raise ValueError(f"bad mesh {spec!r}: write it as 'blocks=B,data=D' (axes {list(sizes)})")
-    try:
-      sizes[name] = int(value)
-    except ValueError:
-      raise ValueError(f"bad mesh {spec!r}: {name} must be a whole number, got {value!r}") from None
-    if sizes[name] < 1:
-      raise ValueError(f"bad mesh {spec!r}: {name} must be >= 1, got {sizes[name]}")
-  return sizes
 
 
 def method_settings(method: str) -> dict[str, dataclasses.Field]:

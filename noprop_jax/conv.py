@@ -19,18 +19,19 @@ from jax import lax
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _conv(x_NHWC: jax.Array, w_HWIO: jax.Array, padding: str) -> jax.Array:
-  return lax.conv_general_dilated(x_NHWC, w_HWIO, (1, 1), padding, dimension_numbers=_DN)
+def conv_xla(x_NHWC: jax.Array, w_HWIO: jax.Array, padding: str, stride: int = 1) -> jax.Array:
+  """The stock convolution, NHWC x HWIO -> NHWC (XLA's own gradients)."""
+  return lax.conv_general_dilated(x_NHWC, w_HWIO, (stride, stride), padding, dimension_numbers=_DN)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv2d(x_NHWC: jax.Array, w_HWIO: jax.Array, padding: str) -> jax.Array:
   """Stride-1 convolution, NHWC x HWIO -> NHWC, `padding` 'VALID' or 'SAME'."""
-  return _conv(x_NHWC, w_HWIO, padding)
+  return conv_xla(x_NHWC, w_HWIO, padding)
 
 
 def _fwd(x, w, padding):
-  return _conv(x, w, padding), (x, w)
+  return conv_xla(x, w, padding), (x, w)
 
 
 def _bwd(padding, res, g_NHWO):

@@ -28,6 +28,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from noprop_jax import sharding
+
 State = dict[str, Any]
 Metrics = dict[str, jax.Array]
 
@@ -86,16 +88,18 @@ class Compute:
       raise ValueError("formulation scan is one block at a time (blocks_per_step 1), got "
                        f"{self.blocks_per_step}")
 
-  def resolve(self, T: int, mesh_blocks: int = 1, auto: str | None = None) -> "Compute":
-    """Concrete settings for T blocks on this backend (call outside traced code).
+  def resolve(self, T: int, mesh_blocks: int = 1, auto: str | None = None,
+              backend: str | None = None) -> "Compute":
+    """Concrete settings for T blocks on `backend` (default: JAX's default backend; call
+    outside traced code).
 
     'auto' is `auto` where a method gives one (its `AUTO_FORMULATION`), else 'unroll' on
     XLA:CPU, where batched (vmapped) convolutions and conv weight gradients in loops are
-    slow, and 'vmap' on GPU/TPU or when the blocks are split over a mesh (unrolled blocks
-    are indexed one by one, which a sharded stacked axis cannot do)."""
+    slow, and 'vmap' on GPU/TPU or when the blocks are split over a mesh."""
     form = self.formulation if self.formulation != "auto" or auto is None else auto
     if form == "auto":
-      form = "unroll" if jax.default_backend() == "cpu" and mesh_blocks == 1 else "vmap"
+      cpu = (backend or jax.default_backend()) == "cpu"
+      form = "unroll" if cpu and mesh_blocks == 1 else "vmap"
     k = 1 if form == "scan" else (self.blocks_per_step or T)
     if T % k:
       raise ValueError(f"blocks_per_step must divide T={T} (or be 0: all T), got {k}")
@@ -339,6 +343,16 @@ def embedding_matrix(params: dict, m: int) -> jax.Array:
   return params["embed"] if "embed" in params else jnp.eye(m, dtype=jnp.float32)
 
 
+def label_rows(W_MD: jax.Array, y: jax.Array) -> jax.Array:
+  """W_MD[y], the embedding rows of labels y: [B, d], written as one_hot(y) @ W. The same
+  values (each a product by 1, at the highest matmul precision), but its gradient in W
+  is a matmul, which a mesh's 'data' axis splits, where the gather's (a scatter-add)
+  makes XLA gather every device's rows first."""
+  # Not jax.nn.one_hot, whose iota takes y's sharding, which JAX refuses inside shard_map.
+  onehot = (y[:, None] == jnp.arange(W_MD.shape[0])[None, :]).astype(W_MD.dtype)
+  return jnp.dot(onehot, W_MD, precision=lax.Precision.HIGHEST)
+
+
 def zero_head(d: int, m: int) -> dict:
   """A linear head at zero: softmax regression on z is convex, and from zero Adam's first
   step already points it the right way; a random start needs thousands of steps to undo."""
@@ -554,13 +568,27 @@ def map_blocks(fn: Callable, xs: Any, compute: Compute) -> Any:
 
   k = blocks_per_step blocks run at once ('vmap': batched into one program, fast on
   GPU/TPU; 'unroll': k copies, fast on XLA:CPU) and the T / k chunks one after another
-  in a `lax.scan` ('scan' is k = 1): fewer at once need less temporary memory. Chunk c
-  holds blocks c, c + T/k, ..., so on a mesh whose 'blocks' axis splits T every chunk
-  spreads over all devices. Same results for every k up to float reordering.
+  in a `lax.scan` ('scan' is k = 1): fewer at once need less temporary memory. Under a
+  context mesh with a 'blocks' axis of n devices, each device maps over its own T / n
+  blocks, k / n at once (`sharding.over_blocks`). Same results for every k and mesh up
+  to float reordering.
   """
-  T = jax.tree.leaves(xs)[0].shape[0]
+  T = num_stacked(xs)
   k = compute.blocks_per_step or T
-  if compute.formulation == "unroll":
+
+  def local(xs):
+    n = T // num_stacked(xs)  # the devices the blocks are split over
+    if k % n:
+      raise ValueError(f"blocks_per_step {k} must be a multiple of the mesh's blocks={n}")
+    return _map_chunks(fn, xs, k // n, compute.formulation)
+
+  return sharding.over_blocks(local, xs)
+
+
+def _map_chunks(fn: Callable, xs: Any, k: int, formulation: str) -> Any:
+  """fn over the leading axis of `xs`, k at a time; chunk c holds blocks c, c + n, ..."""
+  T = num_stacked(xs)
+  if formulation == "unroll":
     inner = lambda c: _stack([fn(jax.tree.map(lambda a: a[i], c)) for i in range(k)])
   else:
     inner = jax.vmap(fn)

@@ -111,7 +111,7 @@ def loss(model: Model, params: dict, x: jax.Array, y: jax.Array, key: jax.Array,
   x = core.to_float(x)
   k_t, k_eps, k_1, k_drop = jax.random.split(key, 4)
   W = core.embedding_matrix(params, model.num_classes)
-  u = W[y]
+  u = core.label_rows(W, y)
   # The denoising term, at one t per example.
   t = jax.random.uniform(k_t, (y.shape[0],))
   s = schedule_at(model, params, t)

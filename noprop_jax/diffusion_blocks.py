@@ -190,7 +190,7 @@ def block_term(model: Model, variables: dict, shared: dict, x: jax.Array, y: jax
   collections, its plain cross-entropy, its accuracy))."""
   k_sigma, k_eps, k_drop = jax.random.split(key, 3)
   sigma = sample_sigma(model, b, k_sigma, (y.shape[0], 1))
-  e = embedding(shared)[y]
+  e = core.label_rows(embedding(shared), y)
   z = e + sigma * jax.random.normal(k_eps, e.shape)
   _, logits, updates = denoise(model, variables, shared, x, z, sigma, True, k_drop, precision)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)

@@ -110,7 +110,7 @@ def head_terms(model: Model, shared: dict, y: jax.Array, key: jax.Array):
   """Eq. 8's first two terms: -log p(y | z_T) with z_T ~ q(z_T | y), and
   KL(q(z_0 | y) || N(0, I)) in closed form. Returns (ce + kl, (ce, kl))."""
   ab = model.schedule.alpha_bar
-  u = core.embedding_matrix(shared, model.num_classes)[y]
+  u = core.label_rows(core.embedding_matrix(shared, model.num_classes), y)
   z_T = core.noisy(u, ab[-1], 1.0 - ab[-1], key)
   ce = core.cross_entropy(class_logits(model, shared, z_T), y)
   kl = core.gaussian_kl(u, ab[0], jnp.log1p(-ab[0]))
@@ -124,7 +124,7 @@ def denoise_error(model: Model, variables: dict, W: jax.Array, x: jax.Array, y: 
   Returns (error, (updated BatchNorm statistics, the block's accuracy on its input))."""
   ab = model.schedule.alpha_bar[t - 1]
   k_noise, k_drop = jax.random.split(key)
-  u = W[y]
+  u = core.label_rows(W, y)
   z = core.noisy(u, ab, 1.0 - ab, k_noise)
   logits, updates = core.apply(model.block, variables, x, z, train=True, rng=k_drop,
                                precision=precision)

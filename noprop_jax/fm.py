@@ -94,7 +94,7 @@ def loss(model: Model, params: dict, x: jax.Array, y: jax.Array, key: jax.Array,
   x = core.to_float(x)
   k_t, k_0, k_eps, k_drop = jax.random.split(key, 4)
   W = core.embedding_matrix(params, model.num_classes)
-  u = W[y]
+  u = core.label_rows(W, y)
   t = jax.random.uniform(k_t, (y.shape[0],))
   z_0 = jax.random.normal(k_0, u.shape)
   z_t = t[:, None] * u + (1.0 - t[:, None]) * z_0 + model.fm_sigma * jax.random.normal(k_eps, u.shape)

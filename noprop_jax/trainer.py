@@ -39,22 +39,24 @@ class NonFiniteLossError(FloatingPointError):
 # ----------------------------------------------------------------------------- building blocks
 
 def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int,
-                compute: core.Compute):
+                compute: core.Compute, backend: str | None = None):
   """The method's Model for data of this shape, with the configured block. `compute` is
-  resolved; it picks the CPU convolution of the paper's block."""
+  resolved; with `backend` (default: JAX's) it picks the paper block's convolution."""
   method = METHODS[cfg.method]
   looped = bool(method.STACKED) and (compute.formulation != "unroll"
                                      or compute.blocks_per_step < cfg.T)
   # The block's output size: the classes' logits, or another size the method asks for.
   out = method.block_outputs(cfg.model, num_classes) if hasattr(method, "block_outputs") else num_classes
   block = blocks.make(cfg.block, method.TIME_CONDITIONED, out, tuple(input_shape),
-                      prototype=cfg.model.get("embedding") == "prototype", looped=looped)
+                      prototype=cfg.model.get("embedding") == "prototype", looped=looped,
+                      backend=backend)
   return method.Model(block, tuple(input_shape), num_classes, **cfg.model)
 
 
-def resolve_compute(cfg: RunConfig) -> core.Compute:
+def resolve_compute(cfg: RunConfig, backend: str | None = None) -> core.Compute:
+  """cfg's execution settings resolved for `backend` (default: JAX's)."""
   auto = getattr(METHODS[cfg.method], "AUTO_FORMULATION", None)
-  return cfg.train.compute.resolve(cfg.T, cfg.train.mesh_shape["blocks"], auto)
+  return cfg.train.compute.resolve(cfg.T, cfg.train.mesh_shape["blocks"], auto, backend)
 
 
 def init_state(cfg: RunConfig, model, key: jax.Array, inputs=None, labels=None):
@@ -106,6 +108,10 @@ def _epoch_step(method_name: str, steps: tuple[Callable, Callable | None], B: in
   mesh = sharding.make_mesh(mesh_spec)
 
   def step(state, inputs, labels):
+    with _mesh_context(mesh):
+      return _step(state, inputs, labels)
+
+  def _step(state, inputs, labels):
     p, i = jnp.divmod(state["step"], per_pass)
     perm = jax.random.permutation(jax.random.fold_in(core.stream(state, 2), p), n_train)
     idx = lax.dynamic_slice_in_dim(perm, i * B, B)
@@ -124,6 +130,12 @@ def _epoch_step(method_name: str, steps: tuple[Callable, Callable | None], B: in
     return state, m
 
   return jax.jit(step, donate_argnums=0)
+
+
+def _mesh_context(mesh):
+  """The mesh as JAX's context while a step is traced: the parts that split the work by
+  hand (`sharding.over_blocks`, `sharding.per_example`) read it there."""
+  return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def fit_blocks_per_step(cfg: RunConfig, num_classes: int, n_train: int, state, inputs, labels,
@@ -175,10 +187,18 @@ def _evaluator(counts: Callable, mesh_spec: str, model, compute: core.Compute, n
   mesh = sharding.make_mesh(mesh_spec)
 
   def evaluate(state, inputs, labels, key):
+    with _mesh_context(mesh):
+      return _evaluate(state, inputs, labels, key)
+
+  def _evaluate(state, inputs, labels, key):
     pad = nb * batch - n
     xs = jnp.pad(inputs, [(0, pad)] + [(0, 0)] * (inputs.ndim - 1)).reshape(nb, batch, *inputs.shape[1:])
     ys = jnp.pad(labels, (0, pad), constant_values=-1).reshape(nb, batch)
-    one = lambda a: counts(model, compute, state, *a, runs)
+    def one(a):
+      if mesh is not None and batch % mesh.shape["data"] == 0:  # each device its rows
+        a = (*sharding.constrain(a[:2], sharding.batch_sharding(mesh)), a[2])
+      return counts(model, compute, state, *a, runs)
+
     c_mean, c_stoch = lax.map(one, (xs, ys, jax.random.split(key, nb)))
     out = c_mean.sum() / n, c_stoch.sum(0) / n
     # On every device, so that every host can read them (as the step's metrics).
