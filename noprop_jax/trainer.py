@@ -69,14 +69,22 @@ def init_state(cfg: RunConfig, model, key: jax.Array, inputs=None, labels=None):
   return METHODS[cfg.method].init(model, key, cfg.train.optim, embed=embed)
 
 
-def make_epoch_step(cfg: RunConfig, model, compute: core.Compute, n_train: int) -> Callable:
-  """Jitted `(state, inputs, labels) -> (state, metrics)` on the whole training split.
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def batch_order(rng: jax.Array, step: jax.Array, n_train: int, per_pass: int) -> jax.Array:
+  """The order [n_train] in which pass p = step // per_pass visits the training split: a
+  permutation keyed on (the run's key `rng`, p), so a run resumed at any step sees exactly
+  the batches it would have seen. Computed once per pass; each step slices its batch."""
+  p = step // per_pass
+  return jax.random.permutation(jax.random.fold_in(core.stream({"rng": rng}, 2), p), n_train)
 
-  The batch is cut on the device: pass p = step // steps_per_pass is shuffled by a
-  permutation keyed on (the run's key, p), so a run resumed at any step sees exactly
-  the batches it would have seen. Sequential training (Algorithm 1) updates block
-  p % T during pass p. With a mesh, the batch is split on 'data' and the method's
-  stacked state on 'blocks'.
+
+def make_epoch_step(cfg: RunConfig, model, compute: core.Compute, n_train: int) -> Callable:
+  """Jitted `(state, inputs, labels, order) -> (state, metrics)` on the whole training split.
+
+  The batch is cut on the device: step i of a pass takes the i-th batch of `order`, the
+  pass's `batch_order`. Sequential training (Algorithm 1) updates block p % T during
+  pass p. With a mesh, the batch is split on 'data' and the method's stacked state on
+  'blocks'.
 
   One per setting in a process: another run with the same settings (another seed, a
   resumed run, a notebook's next call) reuses the step already traced and compiled.
@@ -107,14 +115,13 @@ def _epoch_step(method_name: str, steps: tuple[Callable, Callable | None], B: in
   method, (train_step, sequential_step), per_pass = METHODS[method_name], steps, n_train // B
   mesh = sharding.make_mesh(mesh_spec)
 
-  def step(state, inputs, labels):
+  def step(state, inputs, labels, order):
     with _mesh_context(mesh):
-      return _step(state, inputs, labels)
+      return _step(state, inputs, labels, order)
 
-  def _step(state, inputs, labels):
+  def _step(state, inputs, labels, order):
     p, i = jnp.divmod(state["step"], per_pass)
-    perm = jax.random.permutation(jax.random.fold_in(core.stream(state, 2), p), n_train)
-    idx = lax.dynamic_slice_in_dim(perm, i * B, B)
+    idx = lax.dynamic_slice_in_dim(order, i * B, B)
     x, y = inputs[idx], labels[idx]
     if mesh is not None:
       x, y = sharding.constrain((x, y), sharding.batch_sharding(mesh))
@@ -138,41 +145,82 @@ def _mesh_context(mesh):
   return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+def _fit(what: str, candidates: list, compile_one: Callable, limit_bytes: float | None,
+         fraction: float, advice: str):
+  """(candidate, compiled program) for the first candidate whose program needs at most
+  `fraction` of the device's memory (XLA's memory analysis, per device; `limit_bytes`
+  overrides the limit, taken whole). A device that reports no memory (XLA:CPU) takes the
+  first. A MemoryError naming every candidate's need where none fits."""
+  # A device of this process: another host's devices report nothing here (an error).
+  limit = limit_bytes or (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  allowed = limit if limit_bytes else (fraction * limit if limit else None)
+  need = {}
+  for c in candidates:
+    compiled = compile_one(c)
+    need[c] = core.peak_bytes(compiled)
+    if allowed is None or need[c] is None or need[c] <= allowed:
+      return c, compiled
+  raise MemoryError(
+      f"no {what} fits in the device's {limit / 2**30:.2f} GiB (use at most "
+      f"{allowed / limit:.0%} of it): " + ", ".join(f"{what} {c} needs {b / 2**30:.2f} GiB"
+                                                     for c, b in need.items()) + f"; {advice}")
+
+
 def fit_blocks_per_step(cfg: RunConfig, num_classes: int, n_train: int, state, inputs, labels,
-                        fraction: float = 0.9, limit_bytes: float | None = None):
+                        order, fraction: float = 0.9, limit_bytes: float | None = None):
   """(compute, model, compiled epoch step) with blocks_per_step 0 (auto) resolved.
 
   All T blocks at once is fastest; where the device reports its memory (GPU/TPU), the
-  largest divisor k of T whose compiled step needs at most `fraction` of it (XLA's
-  memory analysis, per device) is taken. On XLA:CPU, which reports none, all T.
-  `limit_bytes` overrides the device's limit. Other methods pass through."""
+  largest divisor k of T whose compiled step needs at most `fraction` of it is taken
+  (`_fit`). On XLA:CPU, which reports none, all T. Other methods and settings compile
+  as they are."""
   compute = resolve_compute(cfg)
   model = lambda c: build_model(cfg, inputs.shape[1:], num_classes, c)
   auto = (METHODS[cfg.method].STACKED and cfg.train.training == "parallel"
-          and not cfg.train.blocks_per_step)
-  # A device of this process: another host's devices report nothing here (an error).
-  limit = limit_bytes or (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-  if not auto or not limit:
-    return compute, model(compute), make_epoch_step(cfg, model(compute), compute, n_train)
+          and not cfg.train.blocks_per_step and compute.formulation != "scan")
   candidates = [k for k in range(cfg.T, 0, -1)
                 if cfg.T % k == 0 and k % cfg.train.mesh_shape["blocks"] == 0]
-  if compute.formulation == "scan":
-    candidates = [1]
-  need = {}
-  for k in candidates:
-    c = dataclasses.replace(compute, blocks_per_step=k)
-    compiled = make_epoch_step(cfg, model(c), c, n_train).lower(state, inputs, labels).compile()
-    need[k] = core.peak_bytes(compiled)
-    if need[k] is None or need[k] <= (fraction * limit if limit_bytes is None else limit):
-      return c, model(c), compiled
-  raise MemoryError(
-      f"no blocks_per_step fits in the device's {limit / 2**30:.2f} GiB (use at most "
-      f"{fraction:.0%} of it): " + ", ".join(f"k={k} needs {b / 2**30:.2f} GiB" for k, b in need.items())
-      + "; lower --batch-size or shard the blocks over more devices (--mesh blocks=N)")
+  candidates = candidates if auto else [compute.blocks_per_step]
+  k, compiled = _fit(
+      "blocks_per_step", candidates,
+      lambda k: _compile(make_epoch_step, cfg, model(_with_k(compute, k)), _with_k(compute, k),
+                         n_train, args=(state, inputs, labels, order)),
+      limit_bytes, fraction,
+      "lower --batch-size or shard the blocks over more devices (--mesh blocks=N)")
+  return _with_k(compute, k), model(_with_k(compute, k)), compiled
+
+
+def _with_k(compute: core.Compute, k: int) -> core.Compute:
+  return dataclasses.replace(compute, blocks_per_step=k)
+
+
+def _compile(make: Callable, *settings, args: tuple):
+  """`make(*settings)` lowered for `args` and compiled (ahead of time: before any epoch)."""
+  return make(*settings).lower(*args).compile()
+
+
+EVAL_BATCH = 500  # evaluation's largest batch; smaller where it does not fit in memory
+
+
+def fit_evaluator(cfg: RunConfig, model, compute: core.Compute, runs: int, state, inputs,
+                  labels, key, fraction: float = 0.9, limit_bytes: float | None = None):
+  """The compiled evaluator (`make_evaluator`) of a split, its batch the largest of 500,
+  250, 125, ... (multiples of the mesh's data axis) that needs at most `fraction` of the
+  device's memory (`_fit`): with many inference paths at once, evaluation can need more
+  than a training step."""
+  n, nd = len(labels), cfg.train.mesh_shape["data"]
+  top = max(nd, min(EVAL_BATCH, n) // nd * nd)
+  candidates = sorted({max(nd, top // 2**i // nd * nd) for i in range(top.bit_length())},
+                      reverse=True)
+  return _fit("evaluation batch", candidates,
+              lambda b: _compile(make_evaluator, cfg, model, compute, n, runs, b,
+                                 args=(state, inputs, labels, key)),
+              limit_bytes, fraction, "lower --inference-runs or shard over more devices "
+              "(--mesh data=N)")[1]
 
 
 def make_evaluator(cfg: RunConfig, model, compute: core.Compute, n: int, runs: int,
-                   batch: int = 500) -> Callable:
+                   batch: int = EVAL_BATCH) -> Callable:
   """Jitted `(state, inputs, labels, key) -> (mean-path accuracy, [runs] sampled accuracies)`
   over a whole split: `lax.map` over fixed-size batches of the method's `eval_counts`.
   One per setting in a process, as `make_epoch_step`."""
@@ -222,6 +270,9 @@ class Run:
   eval_train: Callable
   arrays: dict  # train / test / train-subset inputs and labels, on the device(s)
   per_epoch: int
+  per_pass: int  # steps per pass over the training split (per_epoch / T in sequential training)
+  all_finite: Callable  # state -> whether every float in it is finite (`_check_health`)
+  compile_seconds: float
   ckpt: Checkpointer
   start: int
   meta: dict
@@ -240,7 +291,8 @@ def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn,
   n_train = len(ds.train.labels)
   if n_train // tr.batch_size == 0:
     raise ValueError(f"batch_size {tr.batch_size} is larger than the training set ({n_train})")
-  per_epoch = n_train // tr.batch_size * (cfg.T if tr.training == "sequential" else 1)
+  per_pass = n_train // tr.batch_size
+  per_epoch = per_pass * (cfg.T if tr.training == "sequential" else 1)
   mesh = sharding.make_mesh(tr.mesh)
   on = sharding.replicated(mesh) if mesh is not None else None  # whole splits on every device
   sub = np.random.RandomState(tr.seed).permutation(n_train)[:TRAIN_EVAL_SIZE]
@@ -267,19 +319,26 @@ def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn,
       state = jax.device_put(jax.device_get(state))  # programs than a fresh state's
     print_fn(f"resuming from checkpoint at step {ckpt_step} (epoch {ckpt_step // per_epoch + 1}, "
              f"{ckpt_step % per_epoch}/{per_epoch} steps into it)")
+  # Every program the loop runs, compiled now: epoch times are training alone.
+  t0 = time.perf_counter()
+  with jax.transfer_guard("allow"):
+    order = batch_order(state["rng"], state["step"], n_train, per_pass)
+    key = jax.random.key(tr.seed)
   compute, model, step_fn = fit_blocks_per_step(cfg, ds.num_classes, n_train, state,
-                                                *arrays["train"])
-  run = Run(cfg, ds, model, compute, step_fn,
-            make_evaluator(cfg, model, compute, len(ds.test.labels), tr.inference_runs),
-            make_evaluator(cfg, model, compute, len(sub), 0), arrays, per_epoch, ckpt,
-            int(meta["step"]), meta)
+                                                *arrays["train"], order)
+  eval_test = fit_evaluator(cfg, model, compute, tr.inference_runs, state, *arrays["test"], key)
+  eval_train = fit_evaluator(cfg, model, compute, 0, state, *arrays["sub"], key)
+  all_finite = jax.jit(core.all_finite).lower(state).compile()
+  run = Run(cfg, ds, model, compute, step_fn, eval_test, eval_train, arrays, per_epoch,
+            per_pass, all_finite, time.perf_counter() - t0, ckpt, int(meta["step"]), meta)
   how = method.describe(model, compute, state)
   if tr.training == "sequential":
     how += ", sequential training (Algorithm 1: one block per step)"
   how += "".join([f", mesh {tr.mesh_shape}" if tr.mesh else "",
                   f", {tr.precision} compute" if tr.precision != "float32" else ""])
   print_fn(f"{method.NAME} on {ds.name} ({n_train} train / {len(ds.test.labels)} test, from "
-           f"{ds.source}); {how}, backend={jax.default_backend()}")
+           f"{ds.source}); {how}, backend={jax.default_backend()}; compiled in "
+           f"{run.compile_seconds:.1f}s")
   return run, state
 
 
@@ -288,14 +347,11 @@ def _data_meta(run: Run) -> dict[str, Any]:
   return {"input_shape": list(run.model.input_shape), "num_classes": run.model.num_classes}
 
 
-_all_finite = jax.jit(core.all_finite)
-
-
 def _check_health(run: Run, loss, skipped, step: int, state=None) -> None:
   """Stop, naming the last good checkpoint, if the loss so far is non-finite, an update
   was refused as non-finite, or (when given) the state is not all finite. Every
   checkpoint is written only after this check, so every checkpoint is finite."""
-  loss, skipped, ok = jax.device_get((loss, skipped, True if state is None else _all_finite(state)))
+  loss, skipped, ok = jax.device_get((loss, skipped, True if state is None else run.all_finite(state)))
   if math.isfinite(float(loss)) and float(skipped) == 0 and bool(ok):
     return
   what = ("a non-finite training loss" if not math.isfinite(float(loss)) else
@@ -344,8 +400,12 @@ def run_epoch(run: Run, state, epoch: int, checkpoint_every: int, log_every: int
              total=run.per_epoch, desc=f"epoch {epoch + 1}/{run.cfg.train.epochs}",
              disable=not progress, leave=False, dynamic_ncols=True)
   t0, pending = time.perf_counter(), None  # the last log step's metrics, on their way to the host
+  n_train = len(run.arrays["train"][1])
+  order = None
   for step in bar:
-    state, m = run.step_fn(state, *run.arrays["train"])
+    if order is None or step % run.per_pass == 0:  # a new pass: its batch order
+      order = batch_order(state["rng"], state["step"], n_train, run.per_pass)
+    state, m = run.step_fn(state, *run.arrays["train"], order)
     loss_sum, count, done = loss_sum + m["loss"], count + 1, step + 1
     skipped = skipped + m["skipped"]
     _release(run, m["loss"], m["skipped"], done)
@@ -501,7 +561,8 @@ def summarize(run: Run, state, key, train_seconds: float, step: int) -> dict[str
   return {**{k: v for k, v in e.items() if k != "eval_seconds"},
           "inference": run.cfg.train.inference,
           "params_per_block": METHODS[run.cfg.method].num_block_params(state),
-          "train_seconds": train_seconds, "epochs": int(epochs) if epochs.is_integer() else epochs,
+          "train_seconds": train_seconds, "compile_seconds": run.compile_seconds,
+          "epochs": int(epochs) if epochs.is_integer() else epochs,
           "steps": step, "n_train": len(run.ds.train.labels),
           "n_test": len(run.ds.test.labels), "input_shape": list(run.model.input_shape),
           "num_classes": run.model.num_classes, "data_source": run.ds.source,

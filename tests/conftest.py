@@ -87,6 +87,16 @@ def build(cfg, input_shape=None, num_classes=None):
   return compute, trainer.build_model(cfg, input_shape or shape, num_classes or m, compute)
 
 
+def stepper(cfg, model, compute, n: int):
+  """The trainer's epoch step for cfg as `(state, inputs, labels) -> (state, metrics)`, each
+  call with the batch order of its step's pass (`trainer.batch_order`), as the loop does."""
+  from noprop_jax import trainer
+
+  step, per_pass = trainer.make_epoch_step(cfg, model, compute, n), n // cfg.train.batch_size
+  return lambda state, x, y: step(state, x, y, trainer.batch_order(state["rng"], state["step"],
+                                                                     n, per_pass))
+
+
 def reordering_atol(ref) -> float | None:
   """The tolerance of a state leaf for "equal up to float reordering": 2e-3 of its scale plus
   1% of one Adam step (lr = 1e-3). None below a scale of 1e-3: biases whose constant shift

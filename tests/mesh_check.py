@@ -45,7 +45,8 @@ def stepper(cfg: RunConfig):
     state = jax.tree.map(jnp.copy, state)
     if mesh is not None:
       state = jax.device_put(state, sharding.state_shardings(METHODS[cfg.method].STACKED, mesh, state))
-    return step(state, x, y)
+    order = trainer.batch_order(state["rng"], state["step"], N, N // cfg.train.batch_size)
+    return step(state, x, y, order)
   return one
 
 

@@ -9,6 +9,7 @@ from noprop_jax import adjoint, backprop, blocks, core, dt, prototypes, solvers,
 from noprop_jax.workdir import ConfigMismatchError, config_changes
 from noprop_jax.config import RunConfig
 from noprop_jax.data import load_digits
+from conftest import stepper
 
 DIGITS = load_digits()
 X = jnp.asarray(DIGITS.train.images[:8])
@@ -76,7 +77,7 @@ def _train_digits(cfg, steps=48):
   them, sampled runs' accuracies)."""
   model, compute = _model(cfg), trainer.resolve_compute(cfg)
   state = trainer.init_state(cfg, model, jax.random.key(0))
-  step = trainer.make_epoch_step(cfg, model, compute, 256)
+  step = stepper(cfg, model, compute, 256)
   x, y = jnp.asarray(DIGITS.train.images[:256]), jnp.asarray(DIGITS.train.labels[:256])
   losses = []
   for _ in range(steps):

@@ -12,10 +12,11 @@ import pytest
 
 from noprop_jax import ct, data
 from noprop_jax.config import RunConfig
-from noprop_jax.trainer import build_model, init_state, load_run, make_epoch_step, resolve_compute, train
+from noprop_jax.trainer import build_model, init_state, load_run, resolve_compute, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import train as train_cli  # noqa: E402
+from conftest import stepper
 
 DIGITS = data.load("digits")
 TINY = dict(dataset="digits", batch_size=128, inference_steps=20, inference_runs=1)
@@ -68,7 +69,7 @@ def test_one_compilation_and_no_host_transfers_per_step(method, traces):
   cfg = _cfg(method)
   compute = resolve_compute(cfg)
   model = build_model(cfg, DIGITS.train.images.shape[1:], 10, compute)
-  step = make_epoch_step(cfg, model, compute, len(DIGITS.train.labels))
+  step = stepper(cfg, model, compute, len(DIGITS.train.labels))
   x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)
   state, _ = step(init_state(cfg, model, jax.random.key(0)), x, y)
   traces.clear()

@@ -15,6 +15,7 @@ import pytest
 
 from noprop_jax import blocks, config, core, data, dt, trainer
 from noprop_jax.config import METHODS, RunConfig
+from conftest import stepper
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = data.load("digits")
@@ -71,7 +72,7 @@ def test_two_seeds_share_one_compiled_step(traces):
   states = [trainer.init_state(c, m, jax.random.key(c.train.seed)) for c, m in zip(cfgs, models)]
   # The trainer's epoch step: built from the seed-0 config, run on both seeds' states.
   trainer._epoch_step.cache_clear()  # (an earlier test may have built this step)
-  step = trainer.make_epoch_step(cfgs[0], models[0], compute, n)
+  step = stepper(cfgs[0], models[0], compute, n)
   traces.clear()
   s0, m0 = step(jax.tree.map(jnp.copy, states[0]), x, y)
   assert len(traces) >= 1

@@ -1,11 +1,12 @@
-"""Blocks sharded over 8 simulated CPU devices match the single-device step.
+"""Steps on simulated CPU devices: sharded blocks and batches match the single-device step
+(8 devices), and each device computes only its share (4 devices).
 
-The devices must be requested before JAX starts, so the work runs in a fresh
-process (tests/mesh_check.py) and this test checks what it prints. One test,
-so that a parallel test run never starts the (slow) process twice.
+The devices must be requested before JAX starts, so the work runs in fresh processes
+(tests/mesh_check.py, tests/mesh_split_check.py) and these tests check what they print.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,3 +39,35 @@ def test_sharded_steps_on_eight_simulated_devices_match_one_device():
   r = result["train blocks=2,data=4"]  # the training loop itself on a mesh
   assert r["mesh"] == {"blocks": 2, "data": 4}
   assert 0.5 < r["test_accuracy"] <= 1.0  # well above chance (0.1)
+
+
+SPLIT = Path(__file__).with_name("mesh_split_check.py")
+
+
+def test_meshes_split_the_blocks_and_the_batch_with_the_gpu_defaults():
+  """The trainer's NoProp-DT and DiffusionBlocks steps with the defaults a GPU user gets
+  (vmap over the blocks, the stock convolution), compiled for 4 simulated devices: each
+  device computes its own blocks ('blocks') and its own rows ('data'), with no all-gather
+  of activations or kernels, and a quarter of the single device's FLOPs."""
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+  proc = subprocess.run([sys.executable, str(SPLIT)], capture_output=True, text=True, env=env,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 4
+  T = 4
+  for method in ("dt", "diffusion_blocks"):
+    one = result[f"{method} one device"]
+    assert one["all_gathers"] == []
+    for mesh, blocks in (("blocks=4", 4), ("data=4", 1), ("blocks=2,data=2", 2)):
+      r, case = result[f"{method} {mesh}"], (method, mesh)
+      assert (r["formulation"], r["conv_impl"]) == ("vmap", "xla"), case  # the GPU defaults
+      # Only the T per-block metrics are gathered (every host reads them): no activations,
+      # no kernels.
+      assert all(math.prod(s) <= T for s in r["all_gathers"]), (case, r["all_gathers"])
+      # Activations: a quarter each (blocks split the channels of the T stacked blocks,
+      # data the rows). Kernel gradients: split by the blocks axis only (on 'data' each
+      # device sums its rows' share of every kernel's gradient).
+      assert r["activation_conv_elements"] * 4 == one["activation_conv_elements"], case
+      assert r["kernel_conv_elements"] * blocks == one["kernel_conv_elements"], case
+      assert r["flops"] <= 1.1 * one["flops"] / 4, (case, r["flops"] / one["flops"])

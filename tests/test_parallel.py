@@ -141,24 +141,48 @@ def test_auto_blocks_per_step_takes_the_largest_that_fits():
   x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)
   compute, model = build(cfg)
   state = trainer.init_state(cfg, model, jax.random.key(0))
+  order = trainer.batch_order(state["rng"], state["step"], n, n // 256)
   # XLA:CPU reports no memory limit: all T at once.
-  got, got_model, _ = trainer.fit_blocks_per_step(cfg, 10, n, state, x, y)
+  got, got_model, _ = trainer.fit_blocks_per_step(cfg, 10, n, state, x, y, order)
   assert got.blocks_per_step == 4 and got_model == model
 
   def need(k):
     c = dataclasses.replace(compute, blocks_per_step=k)
     m = trainer.build_model(cfg, x.shape[1:], 10, c)
-    return core.peak_bytes(trainer.make_epoch_step(cfg, m, c, n).lower(state, x, y).compile())
+    return core.peak_bytes(trainer.make_epoch_step(cfg, m, c, n).lower(state, x, y, order).compile())
 
   need = {k: need(k) for k in (4, 2, 1)}
   assert need[1] < need[2] < need[4]
-  got, got_model, step = trainer.fit_blocks_per_step(cfg, 10, n, state, x, y,
+  got, got_model, step = trainer.fit_blocks_per_step(cfg, 10, n, state, x, y, order,
                                                      limit_bytes=(need[2] + need[4]) / 2)
   assert got.blocks_per_step == 2 and got.formulation == "vmap"
-  state, m = step(state, x, y)  # the compiled step it returns runs
+  state, m = step(state, x, y, order)  # the compiled step it returns runs
   assert np.isfinite(float(m["loss"]))
-  with pytest.raises(MemoryError, match="k=1 needs"):
-    trainer.fit_blocks_per_step(cfg, 10, n, state, x, y, limit_bytes=need[1] / 2)
+  with pytest.raises(MemoryError, match="blocks_per_step 1 needs"):
+    trainer.fit_blocks_per_step(cfg, 10, n, state, x, y, order, limit_bytes=need[1] / 2)
+
+
+def test_evaluation_batch_is_fitted_to_memory_like_the_step():
+  """Evaluation runs many inference paths at once: its batch halves from 500 until the
+  compiled evaluator fits, and the one it returns gives the same accuracies."""
+  cfg = _cfg(T=2, block="mlp", hidden=32, inference_runs=3)
+  compute, model = build(cfg)
+  state = trainer.init_state(cfg, model, jax.random.key(0))
+  x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)  # 1438
+  key = jax.random.key(1)
+  need = {b: core.peak_bytes(trainer.make_evaluator(cfg, model, compute, len(y), 3, b)
+                             .lower(state, x, y, key).compile()) for b in (500, 250, 125)}
+  assert need[125] < need[250] < need[500]
+  whole = trainer.fit_evaluator(cfg, model, compute, 3, state, x, y, key)  # CPU: no limit
+  fitted = trainer.fit_evaluator(cfg, model, compute, 3, state, x, y, key,
+                                 limit_bytes=(need[125] + need[250]) / 2)
+  acc_whole, runs_whole = whole(state, x, y, key)
+  acc, runs = fitted(state, x, y, key)
+  assert float(acc) == float(acc_whole)  # the mean path does not depend on the batching
+  assert runs.shape == runs_whole.shape == (3,)
+  assert core.peak_bytes(fitted) == need[125]
+  with pytest.raises(MemoryError, match="evaluation batch 1 needs"):
+    trainer.fit_evaluator(cfg, model, compute, 3, state, x, y, key, limit_bytes=1000)
 
 
 def test_bfloat16_computes_in_bf16_and_keeps_float32_state():

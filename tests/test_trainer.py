@@ -13,8 +13,9 @@ import pytest
 from noprop_jax import data, dt, host_memory
 from noprop_jax.workdir import ConfigMismatchError
 from noprop_jax.config import RunConfig
-from noprop_jax.trainer import (build_model, init_state, load_run,
-                                make_epoch_step, resolve_compute, train)
+from noprop_jax.trainer import build_model, init_state, load_run, resolve_compute, train
+
+from conftest import stepper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import train as train_cli  # noqa: E402
@@ -157,7 +158,7 @@ def test_one_compilation_per_config_and_no_host_transfers_per_step(traces):
   cfg = _cfg()
   compute = resolve_compute(cfg)
   model = build_model(cfg, DIGITS.train.images.shape[1:], 10, compute)
-  step = make_epoch_step(cfg, model, compute, len(DIGITS.train.labels))
+  step = stepper(cfg, model, compute, len(DIGITS.train.labels))
   x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)
   state = init_state(cfg, model, jax.random.key(0))
   state, _ = step(state, x, y)

@@ -1,0 +1,81 @@
+"""Run by tests/test_mesh.py in a fresh process: the trainer's compiled steps on 4 simulated
+CPU devices (XLA_FLAGS before JAX starts), with the defaults a GPU user gets. Prints one
+JSON object: per method and mesh, what the compiled program holds per device."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=4").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+
+import jax  # noqa: E402
+
+from noprop_jax import data, sharding, trainer  # noqa: E402
+from noprop_jax.config import METHODS, RunConfig  # noqa: E402
+
+DIGITS = data.load("digits")
+N = len(DIGITS.train.labels)
+T, B = 4, 64
+MESHES = ("", "blocks=4", "data=4", "blocks=2,data=2")
+SHAPE = re.compile(r"= (\w+)\[([\d,]*)\]")
+
+
+def compiled(method: str, mesh_spec: str):
+  """The trainer's epoch step for `method` on `mesh_spec`, resolved for a GPU, compiled here
+  for abstract inputs placed as the trainer places them."""
+  cfg = RunConfig.create(method, dataset="digits", T=T, batch_size=B, mesh=mesh_spec)
+  compute = trainer.resolve_compute(cfg, backend="gpu")
+  model = trainer.build_model(cfg, DIGITS.train.images.shape[1:], 10, compute, backend="gpu")
+  state = jax.eval_shape(lambda: trainer.init_state(cfg, model, jax.random.key(0)))
+  mesh = sharding.make_mesh(mesh_spec)
+  at = lambda a, s=None: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  if mesh is None:
+    state_sh, repl = jax.tree.map(lambda _: None, state), None
+  else:
+    state_sh, repl = sharding.state_shardings(METHODS[method].STACKED, mesh, state), sharding.replicated(mesh)
+  args = (jax.tree.map(at, state, state_sh), at(DIGITS.train.images, repl),
+          at(DIGITS.train.labels, repl), jax.ShapeDtypeStruct((N,), "int32", sharding=repl))
+  step = trainer.make_epoch_step(cfg, model, compute, N)
+  return step.lower(*args).compile(), compute, model
+
+
+def shapes(hlo: str, op: str) -> list[list[int]]:
+  """The output shape of every `op` instruction of the compiled (per-device) program."""
+  out = []
+  for line in hlo.splitlines():
+    if f" {op}(" in line:
+      dims = SHAPE.search(line).group(2)
+      out.append([int(d) for d in dims.split(",")] if dims else [])
+  return out
+
+
+def main():
+  out = {"devices": len(jax.devices())}
+  for method in ("dt", "diffusion_blocks"):
+    for spec in MESHES:
+      c, compute, model = compiled(method, spec)
+      hlo = c.as_text()
+      convs = shapes(hlo, "convolution")
+      # A 3x3 kernel's gradient is [C_in, 3, 3, T * C_out]; every other convolution here
+      # (the digits' images are 8x8, 4x4, 2x2) is an activation [batch, H, W, T * C].
+      kernels = [s for s in convs if s[1:3] == [3, 3]]
+      out[f"{method} {spec or 'one device'}"] = {
+          "formulation": compute.formulation, "conv_impl": model.block.conv_impl,
+          "flops": c.cost_analysis()["flops"],
+          "all_gathers": shapes(hlo, "all-gather") + shapes(hlo, "all-gather-start"),
+          "convolutions": sorted(convs),
+          "activation_conv_elements": sum(math.prod(s) for s in convs if s not in kernels),
+          "kernel_conv_elements": sum(math.prod(s) for s in kernels),
+          "dots": sorted(shapes(hlo, "dot")),
+          "conditionals": hlo.count(" conditional(")}
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
