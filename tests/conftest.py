@@ -8,6 +8,13 @@ import os
 # the tests are written to pass both ways.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true "
                       "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+# On a GPU or TPU: float32 matmuls and convolutions in full float32 (by default they run as
+# TF32 on recent NVIDIA GPUs and as one bfloat16 pass on TPU, far coarser than the tests'
+# float32 tolerances), and device memory allocated as needed (by default each process
+# takes 75% of it at start: two test workers, and the processes tests start, would not
+# fit). No effect on a CPU. The processes the tests start inherit both.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from noprop_jax import host_memory  # noqa: E402
 
