@@ -1,50 +1,110 @@
-"""Accuracy effect of bf16 compute: the same short NoProp run in float32 and bfloat16.
+"""Accuracy effect of bfloat16 compute: the same NoProp runs in float32 and bfloat16, over seeds.
 
-  python experiments/precision_check.py --data-dir ../shared/data/mnist --train-size 19200 --epochs 1
+  python experiments/precision_check.py                          # dt ct fm diffusion_blocks on digits
+  python experiments/precision_check.py --methods ct fm --seeds 3 --epochs 10 --out runs/precision.json
+  python experiments/precision_check.py --methods dt --dataset mnist --data-dir ../shared/data/mnist \\
+      --train-size 19200 --epochs 1
 
-Both runs share the seed, so they see the same batches, noise and dropout; they
-differ only in the compute dtype of the blocks (parameters and optimizer state
-stay float32 in both). bfloat16 is for GPU/TPU: XLA:CPU emulates it, so on CPU
-it is slower, and this script only measures its accuracy there.
+For each method and seed the two runs share the seed, so they see the same batches, noise
+and dropout; they differ only in the compute dtype of the blocks (parameters, optimizer
+state and the time or noise-level input stay float32 in both). The seeds give the noise
+to compare the difference with: the table prints each precision's mean and standard
+deviation over seeds, the mean of the paired differences and its standard error.
+bfloat16 is for GPU/TPU: XLA:CPU emulates it, so on CPU it is slower, and this script only
+measures its accuracy there. --out writes every run's figures with the settings, the
+machine and the versions.
 """
 
 import argparse
+import json
+import platform
+import statistics
 import sys
 import tempfile
+from pathlib import Path
 
-from noprop_jax import data
-from noprop_jax.config import RunConfig
+import jax
+
+from noprop_jax import data, host_memory
+from noprop_jax.config import BF16_METHODS, RunConfig
 from noprop_jax.trainer import train
 
 from reproduce import subset  # experiments/ (the script's folder) is on sys.path
 
+PRECISIONS = ("float32", "bfloat16")
+
+
+def run(method: str, precision: str, seed: int, ds, args) -> dict:
+  cfg = RunConfig.create(method, dataset=args.dataset, epochs=args.epochs, seed=seed,
+                         precision=precision, inference_steps=args.inference_steps)
+  with tempfile.TemporaryDirectory() as d:
+    s = train(cfg, d, dataset=ds, progress=False, print_fn=lambda _: None)
+  return {"method": method, "precision": precision, "seed": seed, "epochs": s["epochs"],
+          "test_accuracy_mean_path": s["test_accuracy_mean_path"],
+          "test_accuracy_stochastic": s["test_accuracy_stochastic"],
+          "train_seconds": s["train_seconds"]}
+
+
+def _spread(values: list[float]) -> float:
+  return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def table(rows: list[dict], key: str) -> str:
+  """Per method: each precision's mean ± sd over seeds, and the paired bf16 - f32
+  difference's mean ± standard error."""
+  out = [f"{'method':18s} {'float32':>16s} {'bfloat16':>16s} {'bf16 - f32':>18s} {'seeds':>5s}"]
+  for method in dict.fromkeys(r["method"] for r in rows):
+    acc = {p: {r["seed"]: r[key] for r in rows if r["method"] == method and r["precision"] == p}
+           for p in PRECISIONS}
+    seeds = sorted(set(acc["float32"]) & set(acc["bfloat16"]))
+    diff = [acc["bfloat16"][s] - acc["float32"][s] for s in seeds]
+    cell = lambda v: f"{statistics.mean(v):.4f} ± {_spread(v):.4f}"
+    se = _spread(diff) / len(diff) ** 0.5
+    out.append(f"{method:18s} {cell([acc['float32'][s] for s in seeds]):>16s} "
+               f"{cell([acc['bfloat16'][s] for s in seeds]):>16s} "
+               f"{statistics.mean(diff):+.4f} ± {se:.4f} {len(seeds):5d}")
+  return "\n".join(out)
+
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--method", default="dt")
-  p.add_argument("--dataset", default="mnist")
+  p.add_argument("--methods", nargs="+", default=list(BF16_METHODS), choices=list(BF16_METHODS))
+  p.add_argument("--dataset", default="digits")
   p.add_argument("--data-dir", default=None)
   p.add_argument("--train-size", type=int, default=None, help="first N training images (all)")
-  p.add_argument("--epochs", type=int, default=1)
+  p.add_argument("--epochs", type=int, default=0, help="0: each method's default for the dataset")
+  p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1, each run in both precisions")
   p.add_argument("--inference-steps", type=int, default=None, help="CT/FM")
+  p.add_argument("--out", default=None, help="write every run's figures here (JSON)")
   args = p.parse_args(argv)
+  if args.seeds < 1:
+    p.error(f"--seeds must be >= 1, got {args.seeds}")
   ds = subset(data.load(args.dataset, args.data_dir), args.train_size)
   rows = []
-  for precision in ("float32", "bfloat16"):
-    cfg = RunConfig.create(args.method, dataset=args.dataset, epochs=args.epochs,
-                           precision=precision, inference_steps=args.inference_steps)
-    with tempfile.TemporaryDirectory() as d:
-      s = train(cfg, d, dataset=ds, progress=False)
-    rows.append((precision, s["test_accuracy_mean_path"], s["test_accuracy_stochastic"],
-                 s["train_seconds"]))
-  print(f"\n{args.method} on {ds.name} ({ds.source}), {args.epochs} epoch(s), "
-        f"{len(ds.train.labels)} training images")
-  print(f"{'precision':10s} {'test acc (mean path)':>21s} {'test acc (sampled)':>19s} {'train s':>8s}")
-  for r in rows:
-    print(f"{r[0]:10s} {r[1]:21.4f} {r[2]:19.4f} {r[3]:8.1f}")
-  print(f"bf16 - f32: {rows[1][1] - rows[0][1]:+.4f} (mean path), {rows[1][2] - rows[0][2]:+.4f} (sampled)")
+  for method in args.methods:
+    for seed in range(args.seeds):
+      for precision in PRECISIONS:
+        rows.append(run(method, precision, seed, ds, args))
+        r = rows[-1]
+        print(f"{method} seed {seed} {precision}: mean path {r['test_accuracy_mean_path']:.4f}, "
+              f"sampled {r['test_accuracy_stochastic']:.4f}, {r['train_seconds']:.0f}s", flush=True)
+  print(f"\n{ds.name} ({ds.source}), {len(ds.train.labels)} training examples; test accuracy, "
+        "mean ± sd over seeds; bf16 - f32: mean ± standard error of the paired differences")
+  for key, name in (("test_accuracy_mean_path", "mean path"), ("test_accuracy_stochastic", "sampled")):
+    print(f"\n{name}\n{table(rows, key)}")
+  if args.out:
+    meta = {"command": "python experiments/precision_check.py " + " ".join(argv or sys.argv[1:]),
+            "dataset": ds.name, "source": ds.source, "n_train": len(ds.train.labels),
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "machine": platform.machine(), "processor": platform.processor(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "host_memory": host_memory.status}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
+    print(f"\nwrote {args.out}")
   return 0
 
 
 if __name__ == "__main__":
+  host_memory.keep_host_memory()  # on a CPU, before JAX computes anything
   sys.exit(main())

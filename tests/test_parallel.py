@@ -2,7 +2,9 @@
 
 import collections
 import dataclasses
+import sys
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -225,3 +227,18 @@ def test_training_loop_has_no_hidden_host_transfers_and_compiles_each_step_once(
   assert s["steps"] == 33 and np.isfinite(s["test_accuracy"])
   assert "NoProp-DT" in lines[0] and "T=2" in lines[0] and "2 blocks per step" in lines[0]
   assert s["compute"]["blocks_per_step"] == 2 and s["compute"]["precision"] == "float32"
+
+
+def test_precision_check_compares_paired_runs_with_their_seed_noise():
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+  import precision_check
+
+  acc = {("ct", "float32"): [0.90, 0.80, 0.85], ("ct", "bfloat16"): [0.91, 0.83, 0.84]}
+  rows = [{"method": m, "precision": p, "seed": s, "test_accuracy_mean_path": a}
+          for (m, p), accs in acc.items() for s, a in enumerate(accs)]
+  line = precision_check.table(rows, "test_accuracy_mean_path").splitlines()[1].split()
+  # float32 0.85 ± 0.05, bfloat16 0.86 ± 0.0458; differences +0.01, +0.03, -0.01: mean
+  # +0.01, standard error 0.02 / sqrt(3).
+  assert line[:4] == ["ct", "0.8500", "±", "0.0500"]
+  assert line[4:7] == ["0.8600", "±", "0.0458"]
+  assert line[7:] == ["+0.0100", "±", "0.0115", "3"]
