@@ -120,6 +120,11 @@ def context_axis(name: str) -> AbstractMesh | None:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or name not in mesh.axis_names or mesh.shape[name] == 1:
     return None
+  if name in mesh.explicit_axes:
+    raise ValueError(f"the mesh's {name!r} axis is Explicit (jax.make_mesh's default); these "
+                     "steps place arrays on Auto axes: build the mesh with noprop_jax.sharding."
+                     "make_mesh('blocks=B,data=D'), or jax.make_mesh(..., axis_types=(jax."
+                     "sharding.AxisType.Auto,) * 2)")
   return None if name in mesh.manual_axes else mesh
 
 

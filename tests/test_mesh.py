@@ -48,7 +48,9 @@ def test_meshes_split_the_blocks_and_the_batch_with_the_gpu_defaults():
   """The trainer's NoProp-DT and DiffusionBlocks steps with the defaults a GPU user gets
   (vmap over the blocks, the stock convolution), compiled for 4 simulated devices: each
   device computes its own blocks ('blocks') and its own rows ('data'), with no all-gather
-  of activations or kernels, and a quarter of the single device's FLOPs."""
+  of activations or kernels, and a quarter of the single device's FLOPs. A user's own
+  jitted step traced under `jax.set_mesh` is split the same way; a mesh of Explicit axes
+  gets an error that says how to build one."""
   env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
   proc = subprocess.run([sys.executable, str(SPLIT)], capture_output=True, text=True, env=env,
                         timeout=900)
@@ -70,4 +72,12 @@ def test_meshes_split_the_blocks_and_the_batch_with_the_gpu_defaults():
       # device sums its rows' share of every kernel's gradient).
       assert r["activation_conv_elements"] * 4 == one["activation_conv_elements"], case
       assert r["kernel_conv_elements"] * blocks == one["kernel_conv_elements"], case
+      # Dense layers: each device's products are its blocks' (the shared head's, tiny, on
+      # every device); on 'data' each device computes whole weight gradients of its rows.
+      assert r["dot_elements"] <= 1.01 * one["dot_elements"] / blocks, case
       assert r["flops"] <= 1.1 * one["flops"] / 4, (case, r["flops"] / one["flops"])
+  # A user's own step, traced under jax.set_mesh: split the same way, the same loss.
+  r = result["functional"]
+  assert abs(r["loss"] - r["loss_one_device"]) <= 1e-5 * abs(r["loss_one_device"]), r
+  assert all(math.prod(s) <= T for s in r["all_gathers"]), r["all_gathers"]
+  assert "Explicit" in r["explicit_error"] and "sharding.make_mesh" in r["explicit_error"]
