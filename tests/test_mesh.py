@@ -12,15 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-CHECK = Path(__file__).with_name("mesh_check.py")
+
+def _run(script: str) -> dict:
+  """The JSON object that tests/`script` prints last, run in a fresh process."""
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+  proc = subprocess.run([sys.executable, str(Path(__file__).with_name(script))],
+                        capture_output=True, text=True, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_sharded_steps_on_eight_simulated_devices_match_one_device():
-  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-  proc = subprocess.run([sys.executable, str(CHECK)], capture_output=True, text=True, env=env,
-                        timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = _run("mesh_check.py")
   assert result["devices"] == 8
   # A step of T = 4 blocks, batch 64, from a state of the single-device run: equal to one
   # device's step up to float reordering.
@@ -41,9 +44,6 @@ def test_sharded_steps_on_eight_simulated_devices_match_one_device():
   assert 0.5 < r["test_accuracy"] <= 1.0  # well above chance (0.1)
 
 
-SPLIT = Path(__file__).with_name("mesh_split_check.py")
-
-
 def test_meshes_split_the_blocks_and_the_batch_with_the_gpu_defaults():
   """The trainer's NoProp-DT and DiffusionBlocks steps with the defaults a GPU user gets
   (vmap over the blocks, the stock convolution), compiled for 4 simulated devices: each
@@ -51,11 +51,7 @@ def test_meshes_split_the_blocks_and_the_batch_with_the_gpu_defaults():
   of activations or kernels, and a quarter of the single device's FLOPs. A user's own
   jitted step traced under `jax.set_mesh` is split the same way; a mesh of Explicit axes
   gets an error that says how to build one."""
-  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
-  proc = subprocess.run([sys.executable, str(SPLIT)], capture_output=True, text=True, env=env,
-                        timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result = _run("mesh_split_check.py")
   assert result["devices"] == 4
   T = 4
   for method in ("dt", "diffusion_blocks"):
