@@ -73,7 +73,7 @@ def main(argv=None) -> int:
   p.add_argument("--data-dir", default=None)
   p.add_argument("--train-size", type=int, default=None, help="first N training images (all)")
   p.add_argument("--epochs", type=int, default=0, help="0: each method's default for the dataset")
-  p.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1, each run in both precisions")
+  p.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1, each run in both precisions")
   p.add_argument("--inference-steps", type=int, default=None, help="CT/FM")
   p.add_argument("--out", default=None, help="write every run's figures here (JSON)")
   args = p.parse_args(argv)
