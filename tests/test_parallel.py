@@ -237,8 +237,8 @@ def test_precision_check_compares_paired_runs_with_their_seed_noise():
   rows = [{"method": m, "precision": p, "seed": s, "test_accuracy_mean_path": a}
           for (m, p), accs in acc.items() for s, a in enumerate(accs)]
   line = precision_check.table(rows, "test_accuracy_mean_path").splitlines()[1].split()
-  # float32 0.85 ± 0.05, bfloat16 0.86 ± 0.0458; differences +0.01, +0.03, -0.01: mean
+  # float32 0.85 ± 0.05, bfloat16 0.86 ± 0.0436; differences +0.01, +0.03, -0.01: mean
   # +0.01, standard error 0.02 / sqrt(3).
   assert line[:4] == ["ct", "0.8500", "±", "0.0500"]
-  assert line[4:7] == ["0.8600", "±", "0.0458"]
+  assert line[4:7] == ["0.8600", "±", "0.0436"]
   assert line[7:] == ["+0.0100", "±", "0.0115", "3"]
