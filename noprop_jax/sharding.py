@@ -139,6 +139,9 @@ def over_blocks(fn: Callable, xs: Any) -> Any:
   n, T = mesh.shape["blocks"], jax.tree.leaves(xs)[0].shape[0]
   if T % n:
     raise ValueError(f"the mesh's blocks={n} must divide the number of blocks T={T}")
+  # check_vma off here and in per_example: JAX's typing of what varies over which axis
+  # rejects custom gradient rules (the convolutions') whose cotangents vary over more
+  # axes than their inputs; the specs here say exactly what is split.
   return jax.shard_map(fn, mesh=mesh, in_specs=P("blocks"), out_specs=P("blocks"),
                        axis_names={"blocks"}, check_vma=False)(xs)
 
