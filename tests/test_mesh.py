@@ -70,7 +70,7 @@ def test_meshes_split_the_blocks_and_the_batch_with_the_gpu_defaults():
       assert r["kernel_conv_elements"] * blocks == one["kernel_conv_elements"], case
       # Dense layers: each device's products are its blocks' (the shared head's, tiny, on
       # every device); on 'data' each device computes whole weight gradients of its rows.
-      assert r["dot_elements"] <= 1.01 * one["dot_elements"] / blocks, case
+      assert r["dot_elements"] <= 1.05 * one["dot_elements"] / blocks, case
       assert r["flops"] <= 1.1 * one["flops"] / 4, (case, r["flops"] / one["flops"])
   # A user's own step, traced under jax.set_mesh: split the same way, the same loss.
   r = result["functional"]
