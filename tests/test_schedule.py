@@ -1,5 +1,7 @@
 """The DT schedule and posterior coefficients against closed forms."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -23,7 +25,11 @@ def test_alpha_bar_runs_from_noise_to_label(T):
 
 def test_paper_T10_last_block_input_is_nearly_clean():
   ab = cosine_alpha_bar(10)
-  assert ab[9] == pytest.approx(0.972, abs=2e-3)  # DESIGN.md section 10: alpha_bar_in = 0.97
+  # The last block (t = 10) reads z_9, one step of the cosine schedule from the clean end:
+  # cos^2((0.1 + s) / (1 + s) pi / 2) / cos^2(s / (1 + s) pi / 2) with s = 0.008, 0.9721.
+  s = 0.008
+  want = (math.cos((0.1 + s) / (1 + s) * math.pi / 2) / math.cos(s / (1 + s) * math.pi / 2)) ** 2
+  assert ab[9] == pytest.approx(want, rel=1e-12) and ab[9] == pytest.approx(0.9721, abs=1e-4)
 
 
 @pytest.mark.parametrize("T", [1, 3, 10])
