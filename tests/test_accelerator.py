@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from noprop_jax import data, dropout, trainer
-from noprop_jax.config import METHODS, RunConfig
+from noprop_jax.config import METHODS, RunConfig, method_settings
 
 DIGITS = data.load("digits")
 N = len(DIGITS.train.labels)
@@ -93,7 +93,7 @@ def test_every_methods_programs_are_compiled_before_the_first_epoch(method, tmp_
   """`setup` compiles the step and both evaluators; an epoch and its evaluation then trace
   (and compile) nothing, so epoch times are training alone. The summary reports the
   compile time apart."""
-  kw = dict(T=2) if "T" in RunConfig.create(method).model or method in ("dt", "local") else {}
+  kw = dict(T=2) if "T" in method_settings(method) else {}  # the methods with stacked blocks
   cfg = RunConfig.create(method, dataset="digits", batch_size=128, epochs=1, block="mlp",
                          hidden=16, inference_runs=1, inference_steps=2
                          if method in ("ct", "fm", "adjoint") else None, **kw)
