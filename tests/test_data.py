@@ -325,7 +325,7 @@ def test_digits_are_scikit_learns_whether_read_from_its_file_or_through_it(monke
   assert data._sklearn_digits_file() is not None  # this install has the file: read directly
   for found in (True, False):
     if not found:
-      monkeypatch.setattr(data, "_sklearn_digits_file", lambda: None)
+      monkeypatch.setattr(data.digits, "_sklearn_digits_file", lambda: None)
     images, labels = data._digits_arrays()
     np.testing.assert_array_equal(images, want.images)
     np.testing.assert_array_equal(labels, want.target)
