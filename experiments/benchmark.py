@@ -23,6 +23,10 @@ by a first child process, so this process never holds the device). FLOPs are
 XLA's cost analysis of the step with dropout off (its mask's integer hashing is no
 floating-point work), against a matmul peak measured at the start.
 
+--methods NAME ... adds one row per registered method: its own training step (all its
+blocks, default settings but T), e.g. to compare a method of your own
+(--method-module MODULE registers it) with NoProp-DT's rows on the same shapes.
+
 Inference rows: NoProp-DT (auto formulation, mean path) and NoProp-CT/FM
 (Euler, mean path) at --inference-steps solver steps (default 100; the paper
 uses 1000), on a batch of --batch-size images.
@@ -52,8 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from noprop_jax import core, dt, host_memory, trainer
-from noprop_jax.config import METHODS, RunConfig
+from noprop_jax import cli, core, dt, host_memory, trainer
+from noprop_jax import method as methods
+from noprop_jax.config import RunConfig, method_settings
 
 ALIASES = {"scan": "chunks1-scan", "alg1": "algorithm1"}
 MiB = 2**20
@@ -66,7 +71,8 @@ SHAPES = {"digits": ((8, 8, 1), 10), "mnist": ((28, 28, 1), 10), "fashion_mnist"
 # ----------------------------------------------------------------------------- cases
 
 def cases(args) -> dict[str, tuple[str, str, RunConfig]]:
-  """key -> (label, kind, config); kind is 'parallel', 'algorithm1' or 'backprop'."""
+  """key -> (label, kind, config); kind is 'parallel', 'algorithm1', 'backprop' or
+  'method' (a registered method's own step, --methods)."""
   T = args.T
   base = dict(dataset=args.dataset, batch_size=args.batch_size, T=T)
   dt_cfg = lambda **kw: RunConfig.create("dt", **base, precision=args.precision, **kw)
@@ -81,6 +87,11 @@ def cases(args) -> dict[str, tuple[str, str, RunConfig]]:
   out["algorithm1"] = ("one block per step (Algorithm 1)", "algorithm1", dt_cfg(training="sequential"))
   bp_label = "backprop" + (" (float32)" if args.precision != "float32" else "")
   out["backprop"] = (bp_label, "backprop", RunConfig.create("backprop", **base))
+  for name in args.methods:
+    m = methods.get(name)
+    own = {"T": T} if "T" in method_settings(name) else {}
+    out[f"method-{name}"] = (f"{m.title} (its step)", "method", RunConfig.create(
+        name, dataset=args.dataset, batch_size=args.batch_size, **own))
   out["auto"] = ("auto", "parallel", dt_cfg())
   return out
 
@@ -203,7 +214,8 @@ def jitted_step(kind: str, cfg: RunConfig):
   if kind == "algorithm1":
     return jax.jit(lambda s, x, y: dt.sequential_step(model, optim, compute, s, x, y, s["step"] % T),
                    donate_argnums=0)
-  return METHODS[cfg.method].make_train_step(model, optim, compute).jitted
+  return jax.jit(lambda s, x, y: cfg.method_record.train_step(model, optim, compute, s, x, y),
+                 donate_argnums=0)
 
 
 def train_row(key: str, kind: str, cfg: RunConfig, repeats: int) -> dict:
@@ -241,7 +253,7 @@ def inference_rows(args) -> list[dict]:
     c = RunConfig.create(m, inference_steps=args.inference_steps, **base)
     model = build(c)[1]
     runs.append((m, f"NoProp-{m.upper()} (Euler)",
-                 lambda s, x, model=model, mod=METHODS[m]: mod.predict(model, s, x),
+                 lambda s, x, model=model, mod=methods.get(m): mod.predict(model, s, x),
                  c, trainer.init_state(c, model, jax.random.key(0)), model.inference_steps))
   rows = []
   for key, label, predict, cfg, state, steps in runs:
@@ -297,7 +309,7 @@ def torch_rows(args, specs) -> list[dict]:
   fm_model = build(fm_cfg)[1]
   x, _ = data(fm_cfg)
   fm_state = trainer.init_state(fm_cfg, fm_model, jax.random.key(0))
-  fm_pred = jax.jit(lambda s, x: METHODS["fm"].predict(fm_model, s, x)).lower(fm_state, x).compile()
+  fm_pred = jax.jit(lambda s, x: methods.get("fm").predict(fm_model, s, x)).lower(fm_state, x).compile()
   ours["fm_predict"] = [lambda s, x: (s, fm_pred(s, x)), fm_state, (x,), xla_flops(fm_pred), ""]
 
   def ours_timed(item, n):
@@ -348,7 +360,9 @@ def run_child(unit: str, args) -> list[dict]:
          "--batch-size", str(args.batch_size), "--T", str(args.T), "--repeats", str(args.repeats),
          "--precision", args.precision, "--inference-steps", str(args.inference_steps),
          "--rounds", str(args.rounds), "--torch-fm-batch", str(args.torch_fm_batch),
-         "--torch-fm-steps", str(args.torch_fm_steps)]
+         "--torch-fm-steps", str(args.torch_fm_steps), "--methods", *args.methods]
+  for module in args.method_module:
+    cmd += ["--method-module", module]
   if args.matmul_size:
     cmd += ["--matmul-size", str(args.matmul_size)]
   p = subprocess.run(cmd, capture_output=True, text=True)
@@ -522,11 +536,20 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=2, help="PyTorch comparison: alternating rounds")
   p.add_argument("--torch-fm-batch", type=int, default=16, help="PyTorch comparison: FM images")
   p.add_argument("--torch-fm-steps", type=int, default=1000, help="PyTorch comparison: FM Euler steps")
+  p.add_argument("--method-module", action="append", default=[], metavar="MODULE",
+                 help="a module (name or .py file) that registers a method of your own; may repeat")
+  p.add_argument("--methods", nargs="*", default=[], help="registered methods: one row each, "
+                 "their own step (e.g. your own, with --method-module)")
   p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process: one unit
   p.add_argument("--isolate", default="auto", choices=["auto", "always", "never"],
                  help=argparse.SUPPRESS)  # fresh process per row: where a device peak is reported
   args = p.parse_args(argv)
-  specs = cases(args)
+  try:  # a method of one's own registers before its row is made
+    cli.import_method_modules(sys.argv[1:] if argv is None else list(argv))
+    specs = cases(args)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.case:
     for row in run_unit(args.case, args, specs):
       print(json.dumps(row))

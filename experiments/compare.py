@@ -8,11 +8,12 @@
   python experiments/compare.py --methods diffusion_blocks local --blocks paper --epochs 1 ...
   python experiments/compare.py --report-only --out runs/compare_mnist     # table what is finished
 
-Rows are method x block: methods dt, ct, fm (NoProp), diffusion_blocks, local (greedy
-local learning) and backprop; blocks `paper` (the paper's CNN, with its time input for
-ct, fm and diffusion_blocks) and `vit` (the library's small ViT). Every other setting is
-the method's default (`RunConfig.create`), with --epochs and --inference-steps (ct, fm)
-for all rows. Columns: test accuracy (mean path), training seconds per epoch, XLA's
+Rows are method x block: every registered method (NoProp-DT, -CT, -FM, DiffusionBlocks,
+greedy local learning and the backprop and adjoint baselines, and one of your own with
+--method-module MODULE), or those --methods names; blocks `paper` (the paper's CNN, with
+its time input for time-conditioned methods) and `vit` (the library's small ViT). Every
+other setting is the method's default (`RunConfig.create`), with --epochs for all rows
+and --inference-steps for the methods that have that setting. Columns: test accuracy (mean path), training seconds per epoch, XLA's
 memory analysis of one compiled training step (arguments + outputs - donated +
 temporaries, batch --batch-size), and the block calls needed to classify a batch.
 
@@ -28,20 +29,19 @@ from pathlib import Path
 
 import jax
 
-from noprop_jax import core, host_memory, trainer
-from noprop_jax.config import METHODS, RunConfig
+from noprop_jax import cli, core, host_memory, trainer
+from noprop_jax import method as methods
+from noprop_jax.config import RunConfig, method_settings
 from reproduce import Datasets, fmt_duration
 
-ORDER = ("dt", "ct", "fm", "diffusion_blocks", "local", "backprop")
 BLOCKS = ("paper", "vit")
-NAMES = {m: METHODS[m].NAME for m in ORDER}
 
 
 def row_config(method: str, block: str, dataset: str, epochs: int | None,
                inference_steps: int | None, batch_size: int, seed: int = 0) -> RunConfig:
   settings = dict(dataset=dataset, block=block, epochs=epochs, batch_size=batch_size, seed=seed,
                   inference_runs=1)
-  if method in ("ct", "fm"):
+  if "inference_steps" in method_settings(method):
     settings["inference_steps"] = inference_steps
   return RunConfig.create(method, **settings)
 
@@ -50,7 +50,7 @@ def step_memory(cfg: RunConfig, input_shape, num_classes: int) -> int | None:
   """XLA's memory analysis of the row's jitted training step on one batch, state donated."""
   compute = trainer.resolve_compute(cfg)
   model = trainer.build_model(cfg, input_shape, num_classes, compute)
-  method = METHODS[cfg.method]
+  method = cfg.method_record
   state = jax.eval_shape(lambda: trainer.init_state(cfg, model, jax.random.key(0)))
   B = cfg.train.batch_size
   x = jax.ShapeDtypeStruct((B, *input_shape), jax.numpy.uint8)
@@ -74,7 +74,7 @@ def run_row(cfg: RunConfig, workdir: Path, ds, print_fn=print) -> dict:
           "seconds_per_epoch": s["train_seconds"] / max(s["epochs"], 1e-9),
           "epochs": s["epochs"], "params_per_block": s["params_per_block"],
           "step_memory_bytes": step_memory(cfg, shape, m),
-          "block_calls": METHODS[cfg.method].block_calls(model),
+          "block_calls": cfg.method_record.block_calls(model),
           "blocks": cfg.T, "dataset": s["data_source"], "backend": s["backend"]}
 
 
@@ -83,7 +83,7 @@ def table(results: list[dict]) -> str:
           "|---|---|---:|---:|---:|---:|---:|"]
   for r in results:
     mem = r["step_memory_bytes"]
-    rows.append(f"| {NAMES[r['method']]} | {r['block']} | {100 * r['test_accuracy']:.2f} | "
+    rows.append(f"| {methods.get(r['method']).title} | {r['block']} | {100 * r['test_accuracy']:.2f} | "
                 f"{fmt_duration(r['seconds_per_epoch'])} | "
                 f"{'n/a' if mem is None else f'{mem / 2**20:.0f} MiB'} | {r['block_calls']} | "
                 f"{r['params_per_block']:,} |")
@@ -94,10 +94,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dataset", default="digits", help="digits (embedded), mnist, fashion_mnist, ...")
   p.add_argument("--data-dir", default=None, help="the dataset's original files (else TFDS)")
-  p.add_argument("--methods", nargs="+", default=list(ORDER), choices=ORDER)
+  p.add_argument("--method-module", action="append", default=[], metavar="MODULE",
+                 help="a module (name or .py file) that registers a method of your own; may repeat")
+  p.add_argument("--methods", nargs="+", default=list(methods.names()), choices=methods.names(),
+                 help="rows' methods (default: every registered method)")
   p.add_argument("--blocks", nargs="+", default=list(BLOCKS), choices=BLOCKS)
   p.add_argument("--epochs", type=int, default=None, help="every row's epochs (default: the method's)")
-  p.add_argument("--inference-steps", type=int, default=None, help="ct, fm: Euler steps (default 1000)")
+  p.add_argument("--inference-steps", type=int, default=None,
+                 help="Euler steps of the methods with that setting (default: theirs)")
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--train-size", type=int, default=None, help="the first N training examples only")
   p.add_argument("--seed", type=int, default=0)
@@ -107,6 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+  try:  # a method of one's own registers before --methods' choices are made
+    cli.import_method_modules(sys.argv[1:] if argv is None else list(argv))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   args = parse_args(argv)
   for name in ("epochs", "inference_steps", "train_size"):
     v = getattr(args, name)
@@ -116,7 +125,7 @@ def main(argv=None) -> int:
   out = Path(args.out)
   datasets = Datasets(args.data_dir, train_size=args.train_size)
   results, failed = [], []
-  for method in [m for m in ORDER if m in args.methods]:
+  for method in [m for m in methods.names() if m in args.methods]:
     for block in [b for b in BLOCKS if b in args.blocks]:
       tag, workdir = f"[{method} {block}]", out / "runs" / f"{method}_{block}"
       if args.report_only and not (workdir / "summary.json").exists():

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from noprop_jax import core, data, host_memory, trainer
-from noprop_jax.config import METHODS, RunConfig, method_settings
+from noprop_jax import method as methods
+from noprop_jax.config import RunConfig, method_settings
 from reproduce import Datasets, fmt_pct
 
 SCENARIOS = ("split", "permuted")
@@ -130,7 +131,7 @@ class Learner:
   def __init__(self, method: str, block: str, ds: data.Dataset, batch_size: int, lr: float,
                inference_steps: int | None, T: int | None = None):
     settings = dict(block=block, batch_size=batch_size, lr=lr)
-    if method in ("ct", "fm", "adjoint") and inference_steps:
+    if "inference_steps" in method_settings(method) and inference_steps:
       settings["inference_steps"] = inference_steps
     has_T = "T" in method_settings(method)  # the continuous-time methods have no blocks count
     if T and has_T:
@@ -138,7 +139,7 @@ class Learner:
     self.cfg = RunConfig.create(method, **settings)
     self.T = self.cfg.T if has_T else None  # in results.json
     self.batch_size = batch_size
-    self.mod = METHODS[method]
+    self.mod = methods.get(method)
     self.compute = trainer.resolve_compute(self.cfg)
     self.model = trainer.build_model(self.cfg, ds.train.images.shape[1:], ds.num_classes,
                                      self.compute)
@@ -289,7 +290,7 @@ def metrics(R: np.ndarray) -> dict[str, float]:
   return {"acc": average_accuracy(R), "bwt": backward_transfer(R), "forgetting": forgetting(R)}
 
 
-NAMES = {**{m: mod.NAME for m, mod in METHODS.items()}, PLAIN: "Plain MLP, backprop (reference)",
+NAMES = {**{m.name: m.title for m in methods.registered()}, PLAIN: "Plain MLP, backprop (reference)",
          PLAIN_MH: "Plain MLP, backprop, one head per task (reference)"}
 SCORING = {"class_il": "class-incremental", "task_il": "task-incremental",
            "domain_il": "permuted (all classes)"}
@@ -349,7 +350,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--scenario", default="split", choices=SCENARIOS)
   p.add_argument("--tasks", type=int, default=10, help="permuted: number of permutations")
   p.add_argument("--methods", nargs="+", default=["dt", "fm", "backprop", PLAIN],
-                 choices=[*METHODS, PLAIN, PLAIN_MH],
+                 choices=[*methods.names(), PLAIN, PLAIN_MH],
                  help=f"{PLAIN}: the literature's 2 x 400 MLP classifier; {PLAIN_MH}: the same "
                       "with one output head per task (split only; scored task-incrementally)")
   p.add_argument("--blocks", nargs="+", default=["mlp"], choices=["mlp", "paper", "vit"])

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from noprop_jax import adjoint, backprop, core, dt, host_memory, solvers, trainer
-from noprop_jax.config import METHODS, RunConfig
+from noprop_jax import method as methods
+from noprop_jax.config import RunConfig
 
 PAPER_GB = {  # paper Table 3, GPU memory in training (GB): MNIST, CIFAR-10, CIFAR-100
     "backprop": (0.87, 1.17, 1.73), "dt": (0.49, 0.64, 1.23), "adjoint": (2.32, 6.23, 6.45)}
@@ -69,7 +70,7 @@ def cases(dataset: str, batch: int, adjoint_steps: list[int]) -> dict[str, tuple
   out["dt/one block per step"] = (RunConfig.create("dt", training="sequential", **base),
                                   algorithm1_step)
   for m in ("ct", "fm"):
-    out[m] = (RunConfig.create(m, **base), METHODS[m].train_step)
+    out[m] = (RunConfig.create(m, **base), methods.get(m).train_step)
   for n in adjoint_steps:
     cfg = RunConfig.create("adjoint", inference_steps=n, **base)
     out[f"adjoint/{n} steps"] = (cfg, adjoint.train_step)

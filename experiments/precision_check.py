@@ -26,7 +26,8 @@ from pathlib import Path
 import jax
 
 from noprop_jax import data, host_memory
-from noprop_jax.config import BF16_METHODS, RunConfig
+from noprop_jax import method as methods
+from noprop_jax.config import RunConfig
 from noprop_jax.trainer import train
 
 from reproduce import subset  # experiments/ (the script's folder) is on sys.path
@@ -68,7 +69,8 @@ def table(rows: list[dict], key: str) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--methods", nargs="+", default=list(BF16_METHODS), choices=list(BF16_METHODS))
+  bf16 = [m.name for m in methods.registered() if m.bf16]
+  p.add_argument("--methods", nargs="+", default=bf16, choices=bf16)
   p.add_argument("--dataset", default="digits")
   p.add_argument("--data-dir", default=None)
   p.add_argument("--train-size", type=int, default=None, help="first N training images (all)")

@@ -4,19 +4,23 @@
   python experiments/train.py --dataset mnist --data-dir ../shared/data/mnist --epochs 1 --workdir runs/mnist
   python experiments/train.py --method fm --dataset mnist --data-dir ../shared/data/mnist --epochs 5 --workdir runs/fm
   python experiments/train.py --method backprop --dataset my_arrays.npz --block mlp --workdir runs/bp
+  python experiments/train.py --method-module my_method.py --method mine --workdir runs/mine
 
 --dataset is a named dataset or a .npz file of your own arrays (x_train, y_train,
 x_test, y_test; any input shape, any number of classes). Defaults follow the paper's
-Table 4; every flag overrides. Rerunning with the same --workdir resumes.
+Table 4; every flag overrides. Rerunning with the same --workdir resumes. --method-module
+imports a module that registers a method of your own (noprop_jax.method.register) first:
+its settings then have flags too.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from noprop_jax import config, host_memory
+from noprop_jax import cli, host_memory
 
-CLI_ONLY = ("workdir", "checkpoint_every", "no_progress", "distributed", "flag_table")
+CLI_ONLY = ("workdir", "checkpoint_every", "no_progress", "distributed", "flag_table",
+            "method_module")
 
 
 def positive_int(text: str) -> int:
@@ -37,7 +41,7 @@ class Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
   p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  config.add_flags(p)
+  cli.add_flags(p)
   p.add_argument("--workdir", default="runs/default", help="checkpoints, metrics.jsonl, summary.json")
   p.add_argument("--checkpoint-every", type=positive_int, default=200, help="also checkpoint every N steps mid-epoch")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,19 +53,25 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:  # a method of one's own registers before the flags are made from the registry
+    cli.import_method_modules(argv)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   try:
     args = parser().parse_args(argv)
   except SystemExit as e:  # --help, or a malformed flag (already reported)
     return e.code
   if args.flag_table:
-    print(config.flag_table())
+    print(cli.flag_table())
     return 0
   if args.distributed:
     import jax
 
     jax.distributed.initialize()  # before anything touches a backend
   try:
-    cfg = config.from_args(args)
+    cfg = cli.from_args(args)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

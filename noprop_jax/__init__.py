@@ -4,7 +4,10 @@ One module per method (`dt`, `ct`, `fm`, their successor `diffusion_blocks`, and
 baselines `backprop`, `adjoint`, `local`), each with a `Model` (your Flax block, the input
 shape, the number of classes, the method's settings), `init`, `loss`, `train_step` /
 `make_train_step`, `predict`, `eval_counts` and `block_calls`.
-`core` holds what they share, `blocks` the provided blocks.
+Each module's record `METHOD` (`noprop_jax.method.Method`) says what the trainer and the
+scripts need to know about it; `noprop_jax.method` is the one registry of methods, where
+a method of one's own is registered. `core` holds what the methods share, `blocks` the
+provided blocks.
 
 Importing the package changes nothing outside it. On a CPU, a program that trains calls
 `noprop_jax.host_memory.keep_host_memory()` first, before JAX computes anything: it makes
@@ -13,9 +16,9 @@ experiments/ do).
 """
 
 from noprop_jax import (adjoint, backprop, blocks, core, ct, data, diffusion_blocks, dt, fm,
-                        host_memory, local, schedule, solvers)
+                        host_memory, local, method, schedule, solvers)
 from noprop_jax.core import Compute, Optim
 
 __all__ = ["Compute", "Optim", "adjoint", "backprop", "blocks", "core", "ct", "data",
-           "diffusion_blocks", "dt", "fm", "host_memory", "local", "schedule", "solvers"]
-__version__ = "0.3.0"
+           "diffusion_blocks", "dt", "fm", "host_memory", "local", "method", "schedule", "solvers"]
+__version__ = "0.4.0"

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 
 from noprop_jax import core, solvers
 from noprop_jax.core import Compute, Metrics, Optim, State
+from noprop_jax.method import Method, budgets
+from noprop_jax.setting import setting
 
 NAME = "Adjoint baseline"
 STACKED = ()
@@ -39,7 +41,7 @@ class Model:
   block: nn.Module  # (x, z, t) -> logits [B, num_classes], as for NoProp-CT
   input_shape: tuple[int, ...]  # one input's shape
   num_classes: int  # m (the one-hot embedding's dimension)
-  inference_steps: int = 1000  # Euler steps from t = 0 to 1, in training and inference
+  inference_steps: int = setting(1000, "Euler steps from t = 0 to 1, in training and inference")
 
   def __post_init__(self):
     object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -172,3 +174,13 @@ def block_calls(model: Model) -> int:
 def describe(model: Model, compute: Compute, state: State) -> str:
   return (f"one time-conditioned block of {num_block_params(state):,} parameters, "
           f"{model.inference_steps} Euler steps in training (adjoint method) and inference")
+
+
+# Its solver steps are part of training (the adjoint integrates through them), so
+# inference_steps may not change on resume, unlike CT's and FM's.
+METHOD = Method(
+    name="adjoint", title=NAME, Model=Model, init=init, train_step=train_step,
+    eval_counts=eval_counts, predict=predict, num_block_params=num_block_params,
+    block_calls=block_calls, describe=describe, time_conditioned=TIME_CONDITIONED,
+    epochs=budgets(digits=2, mnist=2, cifar10=4, cifar100=4),
+    metrics=("ce", "accuracy", "block_accuracy", "rate"))

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from noprop_jax import core
 from noprop_jax.core import Compute, Metrics, Optim, State
+from noprop_jax.method import Method, budgets
+from noprop_jax.setting import setting
 
 NAME = "Backprop baseline"
 STACKED = ()
@@ -31,9 +33,9 @@ class Model:
   block: nn.Module  # (x, z) -> logits [B, num_classes], as for NoProp-DT
   input_shape: tuple[int, ...]  # one input's shape
   num_classes: int  # m
-  T: int = 10  # number of chained blocks
-  embedding: str = "onehot"  # class embedding: onehot | learned | prototype
-  embedding_dim: int = 0  # d; 0: m (onehot), the input size (prototype), 20 (learned)
+  T: int = setting(10, "number of chained blocks")
+  embedding: str = setting("onehot", "class embedding: onehot | learned | prototype")
+  embedding_dim: int = setting(0, "d; 0: m (onehot), the input size (prototype), 20 (learned)")
 
   def __post_init__(self):
     object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -154,3 +156,11 @@ def block_calls(model: Model) -> int:
 
 def describe(model: Model, compute: Compute, state: State) -> str:
   return f"T={model.T} chained blocks of {num_block_params(state):,} parameters, trained end to end"
+
+
+METHOD = Method(
+    name="backprop", title=NAME, Model=Model, init=init, train_step=train_step,
+    eval_counts=eval_counts, predict=predict, num_block_params=num_block_params,
+    block_calls=block_calls, describe=describe, time_conditioned=TIME_CONDITIONED,
+    epochs=budgets(digits=12, mnist=100, cifar10=150, cifar100=150),
+    metrics=("ce", "accuracy", "block_accuracy", "alpha"))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from noprop_jax import sharding
 from noprop_jax.conv import conv2d, conv2d_gemm, conv_xla, pad_same
 from noprop_jax.dropout import Dropout
+from noprop_jax.setting import setting
 
 ConvImpl = Literal["xla", "patches", "gemm"]
 
@@ -541,17 +542,21 @@ CONV_IMPLS = ("auto", "xla", "patches", "gemm")
 class BlockConfig:
   """Which provided block, and its options."""
 
-  block: str = "paper"  # paper (Figure 6, images) | mlp (inputs of any shape) | vit (images)
-  dropout: float = 0.2  # dropout rate (paper: after each conv; mlp: after each input layer)
-  conv_impl: str = "auto"  # paper block's convolution: auto | xla | patches | gemm
-  hidden: int = 256  # mlp: width of every layer
-  depth: int = 2  # mlp: layers on the input before it meets z (and t)
-  patch_size: int = 8  # vit: pixels per token side (conv stem: a power of two; linear: divides H, W)
-  vit_stem: str = "conv"  # vit: image to tokens by stride-2 3x3 convs (conv) | one Dense per patch (linear)
-  vit_width: int = 64  # vit: token width
-  vit_layers: int = 2  # vit: transformer layers per block
-  vit_heads: int = 4  # vit: attention heads (must divide --vit-width)
-  vit_dropout: float = 0.0  # vit: dropout on the residual branches
+  block: str = setting(
+      "paper", "paper (Figure 6, images) | mlp (inputs of any shape) | vit (images)")
+  dropout: float = setting(
+      0.2, "dropout rate (paper: after each conv; mlp: after each input layer)")
+  conv_impl: str = setting("auto", "paper block's convolution: auto | xla | patches | gemm")
+  hidden: int = setting(256, "mlp: width of every layer")
+  depth: int = setting(2, "mlp: layers on the input before it meets z (and t)")
+  patch_size: int = setting(
+      8, "vit: pixels per token side (conv stem: a power of two; linear: divides H, W)")
+  vit_stem: str = setting(
+      "conv", "vit: image to tokens by stride-2 3x3 convs (conv) | one Dense per patch (linear)")
+  vit_width: int = setting(64, "vit: token width")
+  vit_layers: int = setting(2, "vit: transformer layers per block")
+  vit_heads: int = setting(4, "vit: attention heads (must divide --vit-width)")
+  vit_dropout: float = setting(0.0, "vit: dropout on the residual branches")
 
   def __post_init__(self):
     if self.block not in NAMES:

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 
 from noprop_jax import core, solvers
 from noprop_jax.core import Compute, Metrics, Optim, State
+from noprop_jax.method import Method, budgets
 from noprop_jax.schedule import LearnedSchedule, ScheduleValues, schedule_values
+from noprop_jax.setting import setting
 
 NAME = "NoProp-CT"
 SAMPLERS = ("ode", "sde")
@@ -33,15 +35,16 @@ class Model:
   block: nn.Module  # (x, z, t) -> logits [B, num_classes]; see `core` for the protocol
   input_shape: tuple[int, ...]  # one input's shape
   num_classes: int  # m
-  eta: float = 1.0  # weight of the denoising term (paper Table 4)
-  embedding: str = "onehot"  # class embedding: onehot | learned | prototype
-  embedding_dim: int = 0  # d; 0: m (onehot), the input size (prototype), 20 (learned)
+  eta: float = setting(1.0, "weight of the denoising term (paper Table 4)")
+  embedding: str = setting("onehot", "class embedding: onehot | learned | prototype")
+  embedding_dim: int = setting(0, "d; 0: m (onehot), the input size (prototype), 20 (learned)")
   # Initial endpoints (both train): -3.5 / 3.5 put alpha_bar in [0.029, 0.971], about the
   # span of the discrete blocks' inputs, and keep the SNR' weights within ~2 orders of magnitude.
-  gamma_0_init: float = -3.5  # initial gamma(1), the label end
-  gamma_1_init: float = 3.5  # initial gamma(0), the noise end
-  inference_steps: int = 1000  # Euler steps from t = 0 to 1 at inference (paper: 1000)
-  ct_sampler: str = "ode"  # sampled runs: probability-flow ODE | reverse SDE (Euler-Maruyama)
+  gamma_0_init: float = setting(-3.5, "initial gamma(1), the label end")
+  gamma_1_init: float = setting(3.5, "initial gamma(0), the noise end")
+  inference_steps: int = setting(1000, "Euler steps from t = 0 to 1 at inference (paper: 1000)")
+  ct_sampler: str = setting(
+      "ode", "sampled runs: probability-flow ODE | reverse SDE (Euler-Maruyama)")
 
   def __post_init__(self):
     object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -144,6 +147,12 @@ def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: ja
                                         model.num_classes)
   sched = state["params"]["schedule"]  # the endpoints the step leaves
   return state, {"loss": value, **m, "gamma_0": sched["gamma_0"], "gamma_1": sched["gamma_1"]}
+
+
+def summary(model: Model, state: State) -> dict:
+  """The learned schedule's endpoints at the end of the run, for summary.json."""
+  sched = jax.device_get(state["params"]["schedule"])
+  return {"gamma_0": float(sched["gamma_0"]), "gamma_1": float(sched["gamma_1"])}
 
 
 def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Compute()):
@@ -249,3 +258,15 @@ def block_calls(model: Model) -> int:
 def describe(model: Model, compute: Compute, state: State) -> str:
   return (f"one time-conditioned block of {num_block_params(state):,} parameters, "
           f"{model.inference_steps} Euler steps at inference")
+
+
+METHOD = Method(
+    name="ct", title=NAME, Model=Model, init=init, train_step=train_step,
+    eval_counts=eval_counts, predict=predict, num_block_params=num_block_params,
+    block_calls=block_calls, describe=describe, time_conditioned=TIME_CONDITIONED,
+    epochs=budgets(digits=40, mnist=100, cifar10=500, cifar100=1000),
+    metrics=("ce", "kl", "denoise", "mse", "block_accuracy", "gamma_0", "gamma_1"),
+    shown=("gamma_0", "gamma_1"), bf16=True, resumable=("inference_steps", "ct_sampler"),
+    summary=summary,
+    # 1000-step inference costs about 20 digits training epochs: evaluate every 10.
+    eval_every={"digits": 10})

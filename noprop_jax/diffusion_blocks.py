@@ -44,6 +44,8 @@ from jax import lax
 
 from noprop_jax import core
 from noprop_jax.core import Compute, Metrics, Optim, State
+from noprop_jax.method import Method, budgets
+from noprop_jax.setting import setting
 
 NAME = "DiffusionBlocks"
 STACKED = ("blocks", "opt_blocks")  # state entries whose leaves lead with the T axis
@@ -56,14 +58,16 @@ class Model:
   block: nn.Module  # (x, z, t) -> features [B, embedding_dim]; see `core` for the protocol
   input_shape: tuple[int, ...]  # one input's shape
   num_classes: int  # m
-  T: int = 3  # number of blocks, each owning 1/T of the noise levels' probability mass
-  overlap: float = 0.1  # gamma: each interval widened on both sides by this fraction of its log-width
-  embedding_dim: int = 128  # d: the learned label embedding's size (and the blocks' output size)
-  sigma_min: float = 0.002  # smallest noise level
-  sigma_max: float = 80.0  # largest noise level (inference starts there)
-  p_mean: float = -1.2  # mean of log sigma
-  p_std: float = 1.2  # standard deviation of log sigma
-  sigma_data: float = 0.5  # the preconditioning's data scale
+  T: int = setting(3, "number of blocks, each owning 1/T of the noise levels' probability mass")
+  overlap: float = setting(
+      0.1, "gamma: each interval widened on both sides by this fraction of its log-width")
+  embedding_dim: int = setting(
+      128, "d: the learned label embedding's size (and the blocks' output size)")
+  sigma_min: float = setting(0.002, "smallest noise level")
+  sigma_max: float = setting(80.0, "largest noise level (inference starts there)")
+  p_mean: float = setting(-1.2, "mean of log sigma")
+  p_std: float = setting(1.2, "standard deviation of log sigma")
+  sigma_data: float = setting(0.5, "the preconditioning's data scale")
 
   def __post_init__(self):
     object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -338,3 +342,12 @@ def describe(model: Model, compute: Compute, state: State) -> str:
           f"{', '.join(f'{s:.3g}' for s in partition(model))} (overlap {model.overlap}), "
           f"inference at {lv}, formulation={compute.formulation}, "
           f"{compute.blocks_per_step} blocks per step")
+
+
+METHOD = Method(
+    name="diffusion_blocks", title=NAME, Model=Model, init=init, train_step=train_step,
+    eval_counts=eval_counts, predict=predict, num_block_params=num_block_params,
+    block_calls=block_calls, describe=describe, time_conditioned=TIME_CONDITIONED,
+    epochs=budgets(digits=12, mnist=100, cifar10=150, cifar100=150), stacked=STACKED,
+    metrics=("block_loss", "block_ce", "block_accuracy"), bf16=True,
+    block_outputs=block_outputs)

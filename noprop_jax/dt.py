@@ -27,7 +27,9 @@ from jax import lax
 
 from noprop_jax import core
 from noprop_jax.core import Compute, Metrics, Optim, State
+from noprop_jax.method import Method, budgets
 from noprop_jax.schedule import DTSchedule, dt_schedule
+from noprop_jax.setting import setting
 
 NAME = "NoProp-DT"
 CLASSIFIERS = ("softmax", "radial")
@@ -40,15 +42,17 @@ class Model:
   block: nn.Module  # (x, z) -> logits [B, num_classes]; see `core` for the protocol
   input_shape: tuple[int, ...]  # one input's shape: (H, W, C) images, (D,) vectors, ...
   num_classes: int  # m
-  T: int = 10  # number of blocks
-  eta: float = 0.1  # weight of the denoising terms (paper Table 4)
-  embedding: str = "onehot"  # class embedding: onehot | learned | prototype
-  embedding_dim: int = 0  # d; 0: m (onehot), the input size (prototype), 20 (learned)
-  classifier: str = "softmax"  # p(y | z_T): softmax (Eq. 14) | radial (Eq. 15-16)
-  radial_sigma: float = 1.0  # the radial classifier's sigma
+  T: int = setting(10, "number of blocks")
+  eta: float = setting(0.1, "weight of the denoising terms (paper Table 4)")
+  embedding: str = setting("onehot", "class embedding: onehot | learned | prototype")
+  embedding_dim: int = setting(0, "d; 0: m (onehot), the input size (prototype), 20 (learned)")
+  classifier: str = setting("softmax", "p(y | z_T): softmax (Eq. 14) | radial (Eq. 15-16)")
+  radial_sigma: float = setting(1.0, "the radial classifier's sigma")
   # The cosine schedule is clipped to [min, max], so every SNR stays finite.
-  alpha_bar_min: float = 1e-4  # the schedule's smallest alpha_bar (at t = 0, the noise end)
-  alpha_bar_max: float = 0.9999  # the schedule's largest alpha_bar (at t = T, the label end)
+  alpha_bar_min: float = setting(
+      1e-4, "the schedule's smallest alpha_bar (at t = 0, the noise end)")
+  alpha_bar_max: float = setting(
+      0.9999, "the schedule's largest alpha_bar (at t = T, the label end)")
 
   def __post_init__(self):
     object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -258,8 +262,10 @@ def sequential_step(model: Model, optim: Optim, compute: Compute, state: State, 
     return {**state, "blocks": core.put(state["blocks"], block, new), "shared": shared,
             "opt_blocks": core.put(state["opt_blocks"], block, new_o), "opt_shared": opt_shared}
 
-  return core.apply_if(ok, update, state), {"loss": val + loss_h, "block_mse": err,
-                                            "block_accuracy": acc, **mh, "skipped": core.skipped(ok)}
+  # The metrics of `train_step`, for the one block trained (block_loss: its weighted term).
+  return core.apply_if(ok, update, state), {"loss": val + loss_h, "block_loss": val,
+                                            "block_mse": err, "block_accuracy": acc, **mh,
+                                            "skipped": core.skipped(ok)}
 
 
 def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Compute()):
@@ -346,3 +352,12 @@ def describe(model: Model, compute: Compute, state: State) -> str:
   """One line for the run's banner."""
   return (f"T={model.T}, {num_block_params(state):,} parameters per block, "
           f"formulation={compute.formulation}, {compute.blocks_per_step} blocks per step")
+
+
+METHOD = Method(
+    name="dt", title=NAME, Model=Model, init=init, train_step=train_step,
+    eval_counts=eval_counts, predict=predict, num_block_params=num_block_params,
+    block_calls=block_calls, describe=describe, time_conditioned=TIME_CONDITIONED,
+    epochs=budgets(digits=12, mnist=100, cifar10=150, cifar100=150), stacked=STACKED,
+    metrics=("block_loss", "block_mse", "block_accuracy", "ce", "kl"),
+    sequential_step=sequential_step, bf16=True)

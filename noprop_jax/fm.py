@@ -20,6 +20,8 @@ import jax.numpy as jnp
 
 from noprop_jax import core, solvers
 from noprop_jax.core import Compute, Metrics, Optim, State
+from noprop_jax.method import Method, budgets
+from noprop_jax.setting import setting
 
 NAME = "NoProp-FM"
 STACKED = ()
@@ -31,10 +33,10 @@ class Model:
   block: nn.Module  # (x, z, t) -> logits [B, num_classes]; see `core` for the protocol
   input_shape: tuple[int, ...]  # one input's shape
   num_classes: int  # m
-  embedding: str = "onehot"  # class embedding: onehot | learned | prototype
-  embedding_dim: int = 0  # d; 0: m (onehot), the input size (prototype), 20 (learned)
-  fm_sigma: float = 0.0  # std of the Gaussian around the straight path
-  inference_steps: int = 1000  # Euler steps from t = 0 to 1 at inference (paper: 1000)
+  embedding: str = setting("onehot", "class embedding: onehot | learned | prototype")
+  embedding_dim: int = setting(0, "d; 0: m (onehot), the input size (prototype), 20 (learned)")
+  fm_sigma: float = setting(0.0, "std of the Gaussian around the straight path")
+  inference_steps: int = setting(1000, "Euler steps from t = 0 to 1 at inference (paper: 1000)")
 
   def __post_init__(self):
     object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -186,3 +188,13 @@ def block_calls(model: Model) -> int:
 def describe(model: Model, compute: Compute, state: State) -> str:
   return (f"one time-conditioned block of {num_block_params(state):,} parameters, "
           f"{model.inference_steps} Euler steps at inference")
+
+
+METHOD = Method(
+    name="fm", title=NAME, Model=Model, init=init, train_step=train_step,
+    eval_counts=eval_counts, predict=predict, num_block_params=num_block_params,
+    block_calls=block_calls, describe=describe, time_conditioned=TIME_CONDITIONED,
+    epochs=budgets(digits=40, mnist=100, cifar10=500, cifar100=1000),
+    metrics=("fm", "block_accuracy"), bf16=True, resumable=("inference_steps",),
+    # 1000-step inference costs about 20 digits training epochs: evaluate every 10.
+    eval_every={"digits": 10})

@@ -34,6 +34,8 @@ import optax
 
 from noprop_jax import core
 from noprop_jax.core import Compute, Metrics, Optim, State
+from noprop_jax.method import Method, budgets
+from noprop_jax.setting import setting
 
 NAME = "Greedy local learning"
 STACKED = ()  # the chain runs its blocks in order: no 'blocks' mesh axis, no blocks_per_step
@@ -50,7 +52,7 @@ class Model:
   block: nn.Module  # (x, z) -> logits [B, num_classes], as for NoProp-DT
   input_shape: tuple[int, ...]  # one input's shape
   num_classes: int  # m (z's dimension)
-  T: int = 10  # number of chained blocks
+  T: int = setting(10, "number of chained blocks")
 
   def __post_init__(self):
     object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -218,3 +220,11 @@ def block_calls(model: Model) -> int:
 def describe(model: Model, compute: Compute, state: State) -> str:
   return (f"T={model.T} chained blocks of {num_block_params(state):,} parameters, each trained "
           f"on its own classifier (no gradient between blocks)")
+
+
+METHOD = Method(
+    name="local", title=NAME, Model=Model, init=init, train_step=train_step,
+    eval_counts=eval_counts, predict=predict, num_block_params=num_block_params,
+    block_calls=block_calls, describe=describe, time_conditioned=TIME_CONDITIONED,
+    epochs=budgets(digits=12, mnist=100, cifar10=150, cifar100=150),
+    metrics=("block_loss", "block_accuracy", "alpha"), auto_formulation=AUTO_FORMULATION)

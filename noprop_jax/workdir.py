@@ -28,10 +28,6 @@ OWN = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "run.lock"
 # the optimizer's settings, so that a run that diverged can go on from its last good
 # checkpoint with a lower learning rate. A workdir may be resumed with others (recorded
 # in config.json's history).
-RESUMABLE_CHANGES = ("epochs", "formulation", "conv_impl", "blocks_per_step", "mesh",
-                     "precision", "inference_runs", "inference_steps", "ct_sampler", "eval_every",
-                     "lr", "weight_decay", "grad_clip")
-
 
 class WorkdirError(RuntimeError):
   """The workdir cannot be used as asked; the message says why and what to do."""
@@ -162,13 +158,11 @@ def _flat(config: dict[str, Any]) -> dict[str, Any]:
           for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
 
 
-def config_changes(workdir: Path, saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list]:
+def config_changes(workdir: Path, saved: dict[str, Any], now: dict[str, Any],
+                   resumable: tuple[str, ...]) -> dict[str, list]:
   """{setting: [saved, now]} of the settings a resume changes; a ConfigMismatchError
-  if any of them changes what the run computes."""
+  if any of them is not `resumable` (the run's `RunConfig.resumable`)."""
   saved, now = _flat(saved), _flat(now)
-  # The adjoint trains with its solver steps: for it, inference_steps is not inference-only.
-  resumable = [k for k in RESUMABLE_CHANGES
-               if not (k == "inference_steps" and now.get("method") == "adjoint")]
   diff = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
   diff.update({k: [v, None] for k, v in saved.items() if k not in now})
   fixed = {k: d for k, d in diff.items() if k not in resumable}
@@ -177,14 +171,16 @@ def config_changes(workdir: Path, saved: dict[str, Any], now: dict[str, Any]) ->
     raise ConfigMismatchError(
         f"{workdir} holds a run with a different config:\n{lines}\n"
         f"Use another --workdir, or rerun with the saved settings to resume "
-        f"(only {', '.join(RESUMABLE_CHANGES)} may change).")
+        f"(only {', '.join(resumable)} may change).")
   return diff
 
 
-def record_start(workdir: Path, saved: Saved, config: dict[str, Any], step: int) -> None:
+def record_start(workdir: Path, saved: Saved, config: dict[str, Any], step: int,
+                 resumable: tuple[str, ...]) -> None:
   """Write config.json for a run that has started (at `step`): the settings, and in the
   history the ones this start changed. Untouched when nothing changed."""
-  changed = config_changes(workdir, saved.config, config) if saved.config is not None else None
+  changed = (config_changes(workdir, saved.config, config, resumable)
+             if saved.config is not None else None)
   if changed == {}:
     return
   history = saved.history + ([{"step": step, "time": _now(), "changed": changed}]

@@ -1,4 +1,7 @@
+import contextlib
+import dataclasses
 import os
+import sys
 
 # The suite is bound by XLA:CPU compiling training steps, not by running them. Without
 # LLVM's optimisation and with XLA's older (simpler) fusion emitters, a step compiles with
@@ -20,9 +23,10 @@ from noprop_jax import host_memory  # noqa: E402
 
 host_memory.keep_host_memory()  # as the scripts do: on a CPU, before JAX computes anything
 
+import chex  # noqa: E402
 import jax  # noqa: E402
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Implicit rank promotion is a bug in our code. Strict *dtype* promotion is applied
 # per test (`strict_dtypes`) around our own math: optax's AdamW needs standard rules.
@@ -43,9 +47,20 @@ jax.monitoring.register_event_duration_secs_listener(
 
 @pytest.fixture
 def traces() -> list[str]:
-  """The function name of every jaxpr trace (one per compilation of a jitted function)."""
+  """The function name of every jaxpr trace (one per compilation of a jitted function), of
+  every program: for the checks that *nothing* compiles (an epoch, an evaluation, more
+  epochs). `counted_method` counts one method's own functions (chex.assert_max_traces)."""
   _TRACES.clear()
   yield _TRACES
+
+
+@pytest.fixture(scope="session")
+def digits():
+  """The digits dataset (`data.load("digits")`), loaded once per test process (xdist
+  worker) when a test first asks for it. Shared: read it, never write into its arrays."""
+  from noprop_jax import data
+
+  return data.load("digits")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -78,20 +93,81 @@ SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
 
 # ----------------------------------------------------------------------------- shared helpers
 # Plain functions (import them with `from conftest import ...`): the input shape and class
-# count of each named dataset, and a config's model built as the trainer builds it.
+# count of each named dataset, a config's model built as the trainer builds it, the
+# library's methods, trace counting (chex), simulated kills, and tree comparison (chex).
 
 SHAPES = {"digits": ((8, 8, 1), 10), "mnist": ((28, 28, 1), 10),
           "fashion_mnist": ((28, 28, 1), 10), "cifar10": ((32, 32, 3), 10),
           "cifar100": ((32, 32, 3), 100), "tiny_imagenet": ((64, 64, 3), 200)}
 
 
-def build(cfg, input_shape=None, num_classes=None):
-  """(resolved compute, model) of a RunConfig, for its dataset's shapes unless given."""
+def build(cfg, input_shape=None, num_classes=None, backend=None):
+  """(resolved compute, model) of a RunConfig as the trainer builds them, for its dataset's
+  shapes unless given; with `backend` ('gpu', 'tpu'), as on that platform."""
   from noprop_jax import trainer
 
   shape, m = SHAPES.get(cfg.data.dataset, (None, None))
-  compute = trainer.resolve_compute(cfg)
-  return compute, trainer.build_model(cfg, input_shape or shape, num_classes or m, compute)
+  shape = tuple(input_shape) if input_shape is not None else shape
+  compute = trainer.resolve_compute(cfg, backend=backend)
+  return compute, trainer.build_model(cfg, shape, num_classes or m, compute, backend=backend)
+
+
+def make_model(method: str = "dt", input_shape=None, num_classes=None, **settings):
+  """The Model of `RunConfig.create(method, **settings)`, built as the trainer builds it
+  (`build`): for the dataset's shapes (default digits) unless given."""
+  from noprop_jax.config import RunConfig
+
+  return build(RunConfig.create(method, **settings), input_shape, num_classes)[1]
+
+
+def library_methods() -> tuple[str, ...]:
+  """The names of the library's own methods, in registration order: not a method that a
+  test registers (its own module's, as tests/own_method.py, or a copy of a library record
+  under a test-only name, as `counted_method`), which may share the process."""
+  from noprop_jax import method as methods
+
+  return tuple(r.name for r in methods.registered() if r.Model.__module__.startswith("noprop_jax.")
+               and getattr(sys.modules[r.Model.__module__], "METHOD", None) is r)
+
+
+def at_most_traced(fn, n: int = 1):
+  """`fn` failing (chex.assert_max_traces) when traced more than `n` times. Counted from
+  zero: chex keys its counts on where and what is wrapped, so a test that wraps the same
+  function again (a parametrized test, a loop) would otherwise add to the earlier count."""
+  chex.clear_trace_counter()
+  return chex.assert_max_traces(fn, n=n)
+
+
+@pytest.fixture
+def method_registry():
+  """noprop_jax.method, its registry restored after the test: what the test registers (a
+  `counted_method`, a record of its own) is gone after it, and what it replaced is back,
+  so that later tests' choices, messages and tables list the library's methods only."""
+  from noprop_jax import method as methods
+
+  before = {r.name: r for r in methods.registered()}
+  yield methods
+  for r in methods.registered():
+    if r.name not in before:
+      methods.unregister(r.name)
+    elif before[r.name] is not r:
+      methods.register(before[r.name], replace=True)
+
+
+@pytest.fixture
+def counted_method(method_registry):
+  """`counted_method(method, name, n=1)`: a copy of the registered method `method`,
+  registered for this test under `name`, whose train_step fails the test when traced more
+  than `n` times (`at_most_traced`). The trainer builds its steps per train_step function,
+  so the copy's steps are traced and compiled afresh for the test, whatever steps earlier
+  tests built: no cache to clear."""
+
+  def counted(method: str, name: str, n: int = 1):
+    record = method_registry.get(method)
+    return method_registry.register(dataclasses.replace(
+        record, name=name, train_step=at_most_traced(record.train_step, n)), replace=True)
+
+  return counted
 
 
 def stepper(cfg, model, compute, n: int):
@@ -102,6 +178,66 @@ def stepper(cfg, model, compute, n: int):
   step, per_pass = trainer.make_epoch_step(cfg, model, compute, n), n // cfg.train.batch_size
   return lambda state, x, y: step(state, x, y, trainer.batch_order(state["rng"], state["step"],
                                                                      n, per_pass))
+
+
+class Killed(Exception):
+  """A simulated kill of a training run (`killed_after`)."""
+
+
+@contextlib.contextmanager
+def killed_after(step: int):
+  """Inside, `trainer.train` dies right after training step `step` (asked for the next
+  step, it raises Killed), as a kill -9 during that next step would: what was written by
+  then stays, nothing after it is."""
+  from noprop_jax import trainer
+
+  real = trainer.setup
+
+  def setup(*args, **kw):
+    run, state = real(*args, **kw)
+    step_fn, done = run.step_fn, [run.start]
+
+    def dies(*a):
+      if done[0] >= step:
+        raise Killed(step)
+      done[0] += 1
+      return step_fn(*a)
+
+    run.step_fn = dies
+    return run, state
+
+  trainer.setup = setup
+  try:
+    yield
+  finally:
+    trainer.setup = real
+
+
+def assert_trees(got, want, atol=0.0, rtol=0.0, what: str = "") -> None:
+  """`got` has `want`'s structure, and its leaves equal `want`'s: exactly by default
+  (chex.assert_trees_all_equal: np.testing.assert_array_equal per leaf, NaN equal to NaN);
+  with `atol` or `rtol`, up to |got - want| <= atol + rtol |want| (chex.assert_trees_all_close,
+  np.testing.assert_allclose per leaf). `atol` may be a function of `want`'s leaf giving
+  that leaf's tolerance (`reordering_atol`), a leaf whose tolerance is None not compared.
+  `what` prefixes the error."""
+  try:
+    if callable(atol):
+      chex.assert_trees_all_equal_structs(got, want)
+      for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+        tol = atol(w)
+        if tol is not None:
+          try:
+            chex.assert_trees_all_close(g, w, rtol=rtol, atol=tol)
+          except AssertionError as e:
+            raise AssertionError(f"leaf {jax.tree_util.keystr(path)} (atol {tol:.3g}): {e}") from None
+    elif atol == 0 and rtol == 0:
+      chex.assert_trees_all_equal(got, want)
+    else:
+      chex.assert_trees_all_close(got, want, rtol=rtol, atol=atol)
+  except AssertionError as e:
+    if what:
+      raise AssertionError(f"{what}: {e}") from None
+    raise
 
 
 def reordering_atol(ref) -> float | None:

@@ -1,14 +1,16 @@
 """Run by tests/test_mesh.py in a fresh process: the trainer's compiled steps on 4 simulated
-CPU devices (XLA_FLAGS before JAX starts), with the defaults a GPU user gets. Prints one
+CPU devices (requested before JAX starts), with the defaults a GPU user gets. Prints one
 JSON object: per method and mesh, what the compiled program holds per device."""
 
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=4").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import chex  # noqa: E402
+
+chex.set_n_cpu_devices(4)  # before JAX starts its backends
 
 import json  # noqa: E402
 import math  # noqa: E402
@@ -16,9 +18,12 @@ import re  # noqa: E402
 
 import jax  # noqa: E402
 
+from conftest import build  # noqa: E402  (this script's folder: tests/)
 from noprop_jax import data, sharding, trainer  # noqa: E402
-from noprop_jax.config import METHODS, RunConfig  # noqa: E402
+from noprop_jax import method as methods  # noqa: E402
+from noprop_jax.config import RunConfig  # noqa: E402
 
+# A script of its own process, not a test module: no pytest fixtures here.
 DIGITS = data.load("digits")
 N = len(DIGITS.train.labels)
 T, B = 4, 64
@@ -30,15 +35,14 @@ def compiled(method: str, mesh_spec: str):
   """The trainer's epoch step for `method` on `mesh_spec`, resolved for a GPU, compiled here
   for abstract inputs placed as the trainer places them."""
   cfg = RunConfig.create(method, dataset="digits", T=T, batch_size=B, mesh=mesh_spec)
-  compute = trainer.resolve_compute(cfg, backend="gpu")
-  model = trainer.build_model(cfg, DIGITS.train.images.shape[1:], 10, compute, backend="gpu")
+  compute, model = build(cfg, backend="gpu")
   state = jax.eval_shape(lambda: trainer.init_state(cfg, model, jax.random.key(0)))
   mesh = sharding.make_mesh(mesh_spec)
   at = lambda a, s=None: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
   if mesh is None:
     state_sh, repl = jax.tree.map(lambda _: None, state), None
   else:
-    state_sh, repl = sharding.state_shardings(METHODS[method].STACKED, mesh, state), sharding.replicated(mesh)
+    state_sh, repl = sharding.state_shardings(methods.get(method).stacked, mesh, state), sharding.replicated(mesh)
   args = (jax.tree.map(at, state, state_sh), at(DIGITS.train.images, repl),
           at(DIGITS.train.labels, repl), jax.ShapeDtypeStruct((N,), "int32", sharding=repl))
   step = trainer.make_epoch_step(cfg, model, compute, N)

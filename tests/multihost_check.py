@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import json  # noqa: E402
 import traceback  # noqa: E402
 
+import chex  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -80,7 +81,7 @@ def dataset(path: str):
 
 def start_host(port: str, pid: int, n: int) -> None:
   """Join the other hosts: DEVICES CPU devices here, gloo for the collectives between processes."""
-  jax.config.update("jax_num_cpu_devices", DEVICES)
+  chex.set_n_cpu_devices(DEVICES)  # before JAX starts its backends
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid,
                              coordinator_bind_address=f"127.0.0.1:{port}",  # not [::]: IPv6 may be off
@@ -95,7 +96,7 @@ def main():
   if hosts:
     start_host(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
   else:
-    jax.config.update("jax_num_cpu_devices", 2 * DEVICES)
+    chex.set_n_cpu_devices(2 * DEVICES)  # all the hosts' devices, simulated here
   from jax.experimental import multihost_utils
 
   from noprop_jax import trainer
@@ -115,7 +116,30 @@ def main():
   run = lambda **kw: trainer.train(cfg, workdir, dataset=ds, checkpoint_every=2, log_every=1,
                                    progress=False, print_fn=lines.append, **kw)
   if hosts:
-    assert run(stop_at_step=3) is None
+    # Killed after step 3 on every host (their step functions raise when asked for step 4),
+    # as the hosts' processes would be: then the same call resumes.
+    setup = trainer.setup
+
+    def dies_after_3(*a, **kw):
+      r, state = setup(*a, **kw)
+      step_fn, done = r.step_fn, [r.start]
+
+      def step(*args):
+        if done[0] >= 3:
+          raise KeyboardInterrupt("killed")
+        done[0] += 1
+        return step_fn(*args)
+
+      r.step_fn = step
+      return r, state
+
+    trainer.setup = dies_after_3
+    try:
+      run()
+      raise AssertionError("the run was not killed after step 3")
+    except KeyboardInterrupt:
+      pass
+    trainer.setup = setup
   summary = run()
   assert final, "train() did not end with summarize(run, state, ...)"
   trees = {"state": final[-1]}

@@ -3,25 +3,25 @@ platforms: no conditional in a training step (the GPU runtime waits on the host 
 one), JAX's own dropout, the batch order computed once per pass, and every program
 compiled before the first epoch."""
 
+import time
+
 import jax
 import numpy as np
 import pytest
 
-from noprop_jax import data, dropout, trainer
-from noprop_jax.config import METHODS, RunConfig, method_settings
-
-DIGITS = data.load("digits")
-N = len(DIGITS.train.labels)
+from conftest import build, library_methods
+from noprop_jax import dropout, trainer
+from noprop_jax.config import RunConfig, method_settings
 
 
-def _epoch_step(method: str, backend: str, **kw):
+def _epoch_step(digits, method: str, backend: str, **kw):
   """(the trainer's epoch step for `method` resolved for `backend`, abstract arguments)."""
   cfg = RunConfig.create(method, dataset="digits", batch_size=64, **kw)
-  compute = trainer.resolve_compute(cfg, backend=backend)
-  model = trainer.build_model(cfg, DIGITS.train.images.shape[1:], 10, compute, backend=backend)
+  compute, model = build(cfg, backend=backend)
   state = jax.eval_shape(lambda: trainer.init_state(cfg, model, jax.random.key(0)))
-  args = (state, DIGITS.train.images, DIGITS.train.labels, jax.ShapeDtypeStruct((N,), np.int32))
-  return trainer.make_epoch_step(cfg, model, compute, N), args
+  n = len(digits.train.labels)
+  args = (state, digits.train.images, digits.train.labels, jax.ShapeDtypeStruct((n,), np.int32))
+  return trainer.make_epoch_step(cfg, model, compute, n), args
 
 
 def conditionals(jaxpr, platform: str) -> int:
@@ -50,14 +50,14 @@ STEPS = [("dt", dict(T=2)), ("dt", dict(T=2, **MLP)), ("diffusion_blocks", dict(
 
 
 def test_every_method_is_checked():
-  assert {m for m, _ in STEPS} == set(METHODS)
+  assert {m for m, _ in STEPS} == set(library_methods())
 
 
 @pytest.mark.parametrize("method, kw", STEPS)
-def test_gpu_steps_guard_their_update_without_a_conditional(method, kw):
+def test_gpu_steps_guard_their_update_without_a_conditional(method, kw, digits):
   """The non-finite guard is a select on GPU and TPU (the step never waits on the host),
   a `lax.cond` on XLA:CPU (which does not copy the state once more)."""
-  step, args = _epoch_step(method, "gpu", **kw)
+  step, args = _epoch_step(digits, method, "gpu", **kw)
   jaxpr = step.trace(*args).jaxpr.jaxpr
   for platform in ("cuda", "rocm", "tpu"):
     assert conditionals(jaxpr, platform) == 0, platform
@@ -78,29 +78,34 @@ def test_dropout_is_jaxs_own_off_the_cpu():
   np.testing.assert_array_equal(jax.jit(f)(jax.random.key(3), x), want)
 
 
-def test_the_batch_order_is_computed_once_per_pass_not_per_step():
+def test_the_batch_order_is_computed_once_per_pass_not_per_step(digits):
   """A permutation is two sorts of the whole training split: the step takes its batch from
   the pass's order and sorts nothing."""
-  step, args = _epoch_step("dt", "gpu", T=2, **MLP)
+  step, args = _epoch_step(digits, "dt", "gpu", T=2, **MLP)
   hlo = step.lower(*args).compile().as_text()
   assert " sort(" not in hlo
-  order = trainer.batch_order.lower(jax.random.key_data(jax.random.key(0)), np.int32(0), N, 22)
+  n = len(digits.train.labels)
+  order = trainer.batch_order.lower(jax.random.key_data(jax.random.key(0)), np.int32(0), n, 22)
   assert " sort(" in order.compile().as_text()
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_methods_programs_are_compiled_before_the_first_epoch(method, tmp_path, traces):
+@pytest.mark.parametrize("method", library_methods())
+def test_every_methods_programs_are_compiled_before_the_first_epoch(method, tmp_path, traces,
+                                                                     digits):
   """`setup` compiles the step and both evaluators; an epoch and its evaluation then trace
   (and compile) nothing, so epoch times are training alone. The summary reports the
-  compile time apart."""
+  compile time apart. (`traces`, not chex: nothing at all may compile, not only the
+  method's own functions.)"""
   kw = dict(T=2) if "T" in method_settings(method) else {}  # the methods with stacked blocks
   cfg = RunConfig.create(method, dataset="digits", batch_size=128, epochs=1, block="mlp",
                          hidden=16, inference_runs=1, inference_steps=2
                          if method in ("ct", "fm", "adjoint") else None, **kw)
-  run, state = trainer.setup(cfg, tmp_path, DIGITS, print_fn=lambda _: None)
-  assert run.compile_seconds > 0
+  t0 = time.perf_counter()
+  run, state = trainer.setup(cfg, tmp_path, digits, print_fn=lambda _: None)
+  # Measured inside setup: positive (compiling takes time) and no more than setup took.
+  assert 0 < run.compile_seconds <= time.perf_counter() - t0
   traces.clear()
-  state, *_ = trainer.run_epoch(run, state, 0, 10**9, 10**9, False, None, 0.0)
+  state, *_ = trainer.run_epoch(run, state, 0, 10**9, 10**9, False, 0.0)
   trainer.evaluate(run, state, jax.random.key(0))
   assert [t for t in traces if t != "batch_order"] == [], traces
   run.ckpt.close()

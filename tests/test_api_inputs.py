@@ -10,11 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noprop_jax import adjoint, backprop, blocks, core, ct, diffusion_blocks, dt, fm, local
+from conftest import assert_trees, library_methods
+from noprop_jax import blocks, core, dt, fm
+from noprop_jax import method as methods
 from noprop_jax.core import Compute, Optim
 
-METHODS = {"dt": dt, "ct": ct, "fm": fm, "backprop": backprop, "adjoint": adjoint,
-           "diffusion_blocks": diffusion_blocks, "local": local}
+# Every method of the library, by its record in the registry (not a method a test of the
+# same process registers: its functions are its author's, not the library's).
+METHODS = library_methods()
 SHAPE, M, B = (8,), 10, 4
 # These tiny programs run a few times each: compiling them without XLA's costlier passes
 # halves the file's time, and what is checked (which values are kept) does not depend on it.
@@ -31,17 +34,27 @@ class BNBlock(nn.Module):
 
 
 def _model(name: str):
-  if name in ("dt", "backprop", "local"):
-    return METHODS[name].Model(BNBlock(), SHAPE, M, T=2)
+  """A tiny Model built directly, not from a RunConfig (conftest.make_model): the blocks
+  here are this file's own (BNBlock: BatchNorm statistics a dropped update must keep too)
+  or smaller than any configurable one, on vectors of 8 features."""
+  record = methods.get(name)
+  if not record.time_conditioned:  # (x, z) blocks: dt, backprop, local
+    return record.Model(BNBlock(), SHAPE, M, T=2)
   if name == "diffusion_blocks":  # its blocks output d = embedding_dim features
-    return METHODS[name].Model(blocks.MLPTimeBlock(M, hidden=8, depth=1, t_dim=4), SHAPE, M, T=2,
-                               embedding_dim=M)
-  return METHODS[name].Model(blocks.MLPTimeBlock(M, hidden=8, depth=1, t_dim=4), SHAPE, M,
-                             inference_steps=2)
+    return record.Model(blocks.MLPTimeBlock(M, hidden=8, depth=1, t_dim=4), SHAPE, M, T=2,
+                        embedding_dim=M)
+  return record.Model(blocks.MLPTimeBlock(M, hidden=8, depth=1, t_dim=4), SHAPE, M,
+                      inference_steps=2)
 
 
-def _compute(model) -> Compute:
-  return Compute().resolve(getattr(model, "T", 1))
+def _compute(model, name: str) -> Compute:
+  """The default Compute resolved for the model, as the method's own make_train_step does."""
+  return Compute().resolve(getattr(model, "T", 1), auto=methods.get(name).auto_formulation)
+
+
+def _make_train_step(name: str, model):
+  """The method's checked, jitted step (its module's `make_train_step(model)`)."""
+  return core.jit_step(methods.get(name).train_step, model, Optim(), _compute(model, name))
 
 
 # The checks run before any state is read (or donated): refusals need no initialised state,
@@ -57,7 +70,7 @@ def states():
   def get(name):
     if name not in cache:
       key = jax.random.key(0)
-      cache[name] = METHODS[name].init.lower(_model(name), key).compile(FAST)(key)
+      cache[name] = methods.get(name).init.lower(_model(name), key).compile(FAST)(key)
     return cache[name]
 
   return get
@@ -111,7 +124,7 @@ INPUT_CASES = ["floats 0..255", "uint8 0..16", "int32 images", "bool images", "N
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("name", METHODS)
 def test_the_checked_step_refuses_a_bad_batch(name, case):
-  step = METHODS[name].make_train_step(_model(name))
+  step = _make_train_step(name, _model(name))
   x, y, match = _bad(case)
   with pytest.raises(ValueError, match=match):
     step(STATE, jnp.asarray(x), jnp.asarray(y))  # jax arrays: ranges computed on the device
@@ -124,7 +137,7 @@ def test_an_eager_train_step_refuses_a_bad_batch(name, case):
   model = _model(name)
   x, y, match = _bad(case)
   with pytest.raises(ValueError, match=match):
-    METHODS[name].train_step(model, Optim(), _compute(model), STATE, x, y)  # numpy arrays
+    methods.get(name).train_step(model, Optim(), _compute(model, name), STATE, x, y)  # numpy arrays
 
 
 @pytest.mark.parametrize("case", INPUT_CASES)
@@ -132,7 +145,7 @@ def test_an_eager_train_step_refuses_a_bad_batch(name, case):
 def test_predict_refuses_bad_inputs(name, case):
   x, _, match = _bad(case)
   with pytest.raises(ValueError, match=match):
-    METHODS[name].predict(_model(name), STATE, x)
+    methods.get(name).predict(_model(name), STATE, x)
 
 
 def test_messages_are_one_line_and_good_batches_pass():
@@ -169,7 +182,7 @@ def test_values_are_checked_only_where_concrete():
 def test_eval_counts_takes_padding_labels_and_refuses_others():
   model = _model("dt")
   x, _ = _good()
-  count = lambda state, y: dt.eval_counts(model, _compute(model), state, x, y,
+  count = lambda state, y: dt.eval_counts(model, _compute(model, "dt"), state, x, y,
                                           jax.random.key(1), 0)
   with pytest.raises(ValueError, match=r"\[0, 10\) \(or -1: padding\), got values in \[-1, 12\]"):
     count(STATE, np.array([0, 1, 12, -1]))
@@ -181,18 +194,13 @@ def test_eval_counts_takes_padding_labels_and_refuses_others():
 
 # ----------------------------------------------------------------------------- the in-graph guard
 
-def _assert_same(a, b):
-  for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=str(path))
-
-
 @pytest.mark.parametrize("name", METHODS)
 def test_a_bad_batch_under_the_users_jit_changes_nothing_but_the_step(states, name):
   """Parameters, optimizer state and BatchNorm statistics (dt's blocks, backprop's 'stats')
   stay bit for bit where the in-graph guard drops the update."""
   model, state = _model(name), states(name)
   # The user's own jit of `train_step`: the values are traced, so only the guard sees them.
-  step = jax.jit(partial(METHODS[name].train_step, model, Optim(), _compute(model)),
+  step = jax.jit(partial(methods.get(name).train_step, model, Optim(), _compute(model, name)),
                  compiler_options=FAST)
   x, y = _good()
   rest = lambda s: {k: v for k, v in s.items() if k != "step"}
@@ -209,13 +217,13 @@ def test_a_bad_batch_under_the_users_jit_changes_nothing_but_the_step(states, na
     new, m = step(state, bx, by)
     assert float(m["skipped"]) == 1.0
     assert int(new["step"]) == int(state["step"]) + 1  # the batch order and noise move on
-    _assert_same(rest(new), rest(state))  # parameters and optimizer state, bit for bit
+    assert_trees(rest(new), rest(state))  # parameters and optimizer state, bit for bit
 
 
 def test_a_bad_batch_leaves_dt_sequential_step_unchanged(states):
   """Algorithm 1's step drops its update as the parallel one does."""
   model, state = _model("dt"), states("dt")
-  step = jax.jit(lambda s, x, y: dt.sequential_step(model, Optim(), _compute(model), s, x, y, 1),
+  step = jax.jit(lambda s, x, y: dt.sequential_step(model, Optim(), _compute(model, "dt"), s, x, y, 1),
                  compiler_options=FAST)
   x, y = _good()
   new, m = step(state, x, y)
@@ -225,10 +233,10 @@ def test_a_bad_batch_leaves_dt_sequential_step_unchanged(states):
   assert not np.array_equal(kernel(new)[1], kernel(state)[1])
   new, m = step(state, x, np.array([0, 1, 2, 10], np.int32))
   assert float(m["skipped"]) == 1.0 and int(new["step"]) == 1
-  _assert_same({k: v for k, v in new.items() if k != "step"},
+  assert_trees({k: v for k, v in new.items() if k != "step"},
                {k: v for k, v in state.items() if k != "step"})
   with pytest.raises(ValueError, match=r"block must be in \[0, 2\) \(0-based\), got 2"):
-    dt.sequential_step(model, Optim(), _compute(model), state, x, y, 2)
+    dt.sequential_step(model, Optim(), _compute(model, "dt"), state, x, y, 2)
 
 
 def test_the_checked_steps_jitted_step_is_reachable():

@@ -8,29 +8,25 @@ import pytest
 from noprop_jax import adjoint, backprop, blocks, core, dt, prototypes, solvers, trainer
 from noprop_jax.workdir import ConfigMismatchError, config_changes
 from noprop_jax.config import RunConfig
-from noprop_jax.data import load_digits
-from conftest import stepper
+from conftest import build, stepper
 
-DIGITS = load_digits()
-X = jnp.asarray(DIGITS.train.images[:8])
-Y = jnp.asarray(DIGITS.train.labels[:8])
+
+def _batch(digits, n=8):
+  """The first n training digits, on the device."""
+  return jnp.asarray(digits.train.images[:n]), jnp.asarray(digits.train.labels[:n])
 
 
 def _norm(tree) -> float:
   return float(sum(jnp.sum(a.astype(jnp.float32) ** 2) for a in jax.tree.leaves(tree))) ** 0.5
 
 
-def _model(cfg: RunConfig, input_shape=DIGITS.train.images.shape[1:], num_classes=10):
-  """The method's Model with the configured block, as the training loop builds it."""
-  return trainer.build_model(cfg, tuple(input_shape), num_classes, trainer.resolve_compute(cfg))
-
-
 # ----------------------------------------------------------------------------- backprop
 
 @pytest.mark.parametrize("formulation", ["unroll", "vmap"])  # unrolled chain, lax.scan chain
-def test_backprop_chain_is_eq_17_to_19_and_gradients_cross_blocks(formulation):
+def test_backprop_chain_is_eq_17_to_19_and_gradients_cross_blocks(formulation, digits):
   cfg = RunConfig.create("backprop", T=2, embedding="learned", embedding_dim=6, dropout=0.0)
-  model = _model(cfg)
+  model = build(cfg)[1]
+  X, Y = _batch(digits)
   compute = core.Compute(formulation).resolve(model.T)
   state = backprop.init(model, jax.random.key(0))
   params, stats = state["params"], state["stats"]
@@ -72,13 +68,13 @@ def test_backprop_chain_is_eq_17_to_19_and_gradients_cross_blocks(formulation):
   assert _norm(jax.tree.map(jnp.subtract, first(g2), first(g))) > 1e-4 * _norm(first(g))
 
 
-def _train_digits(cfg, steps=48):
+def _train_digits(digits, cfg, steps=48):
   """`steps` steps on 256 digits; returns (model, state, losses, mean-path accuracy on
   them, sampled runs' accuracies)."""
-  model, compute = _model(cfg), trainer.resolve_compute(cfg)
+  compute, model = build(cfg)
   state = trainer.init_state(cfg, model, jax.random.key(0))
   step = stepper(cfg, model, compute, 256)
-  x, y = jnp.asarray(DIGITS.train.images[:256]), jnp.asarray(DIGITS.train.labels[:256])
+  x, y = _batch(digits, 256)
   losses = []
   for _ in range(steps):
     state, m = step(state, x, y)
@@ -87,14 +83,14 @@ def _train_digits(cfg, steps=48):
   return model, state, losses, float(acc), runs
 
 
-def test_backprop_trains_and_evaluates():
+def test_backprop_trains_and_evaluates(digits):
   cfg = RunConfig.create("backprop", T=2, batch_size=32)
-  model, state, losses, acc, runs = _train_digits(cfg)
+  model, state, losses, acc, runs = _train_digits(digits, cfg)
   assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.1, losses
   assert acc > 0.4 and runs.shape == (2,), (acc, runs)  # chance is 0.1
   assert int(state["step"]) == 48
   # The evaluator's mean path is `predict`'s (z_0 = 0, inference-mode BatchNorm).
-  x, y = jnp.asarray(DIGITS.train.images[:256]), jnp.asarray(DIGITS.train.labels[:256])
+  x, y = _batch(digits, 256)
   pred = jnp.argmax(backprop.predict(model, state, x), -1)
   assert float(jnp.mean(pred == y)) == pytest.approx(acc, abs=1e-6)
 
@@ -140,9 +136,10 @@ def test_adjoint_memory_is_flat_in_the_number_of_steps():
   assert through[1] > 50 * through[0] and through[1] > 50 * adj[2], (through, adj)
 
 
-def test_adjoint_model_gradients_match_backprop_through_the_solve():
+def test_adjoint_model_gradients_match_backprop_through_the_solve(digits):
   cfg = RunConfig.create("adjoint", inference_steps=64, dropout=0.0)
-  model = _model(cfg)
+  model = build(cfg)[1]
+  X, Y = _batch(digits)
   assert isinstance(model.block, blocks.CTBlock) and core.has_split(model.block)
   state = adjoint.init(model, jax.random.key(0))
   params = {**state["params"], "head": {"kernel": jax.random.normal(jax.random.key(1), (10, 10)),
@@ -160,9 +157,9 @@ def test_adjoint_model_gradients_match_backprop_through_the_solve():
   assert float(grads[0]["log_rate"]) != 0  # the learned rate trains too
 
 
-def test_adjoint_trains():
+def test_adjoint_trains(digits):
   cfg = RunConfig.create("adjoint", inference_steps=8, batch_size=32, lr=3e-3)
-  _, _, losses, acc, _ = _train_digits(cfg)
+  _, _, losses, acc, _ = _train_digits(digits, cfg)
   assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.05, losses
   assert acc > 0.2, acc
 
@@ -207,22 +204,22 @@ def test_prototype_embedding_rows_are_class_medoids_scaled_like_the_inputs():
     prototypes.prototype_embedding(images, labels, 4)
 
 
-def test_prototype_init_needs_the_prototypes():
+def test_prototype_init_needs_the_prototypes(digits):
   cfg = RunConfig.create("dt", embedding="prototype", T=2)
-  model = _model(cfg)
+  model = build(cfg)[1]
   assert model.dim == 64 and model.block.prototype_shape == (8, 8, 1)
   with pytest.raises(ValueError, match="initialised from the training inputs"):
     dt.init(model, jax.random.key(0))
   with pytest.raises(ValueError, match=r"shape \(10, 64\)"):
     dt.init(model, jax.random.key(0), embed=jnp.zeros((10, 20)))
-  W = prototypes.prototype_embedding(DIGITS.train.images, DIGITS.train.labels, 10)
-  state = trainer.init_state(cfg, model, jax.random.key(0), DIGITS.train.images, DIGITS.train.labels)
+  W = prototypes.prototype_embedding(digits.train.images, digits.train.labels, 10)
+  state = trainer.init_state(cfg, model, jax.random.key(0), digits.train.images, digits.train.labels)
   np.testing.assert_array_equal(state["shared"]["embed"], W)
   # The continuous-time methods take the same rows (their embedding is a parameter too).
   cfg_ct = RunConfig.create("ct", embedding="prototype")
-  model_ct = _model(cfg_ct)
-  state = trainer.init_state(cfg_ct, model_ct, jax.random.key(0), DIGITS.train.images,
-                             DIGITS.train.labels)
+  model_ct = build(cfg_ct)[1]
+  state = trainer.init_state(cfg_ct, model_ct, jax.random.key(0), digits.train.images,
+                             digits.train.labels)
   np.testing.assert_array_equal(state["params"]["embed"], W)
 
 
@@ -253,17 +250,20 @@ def test_radial_probabilities_match_eq_15_16_and_sum_to_one():
   assert not np.allclose(jax.nn.softmax(dt.class_logits(soft_model, shared, z)), p)
   # The run config passes the setting through to the Model.
   cfg = RunConfig.create("dt", classifier="radial", radial_sigma=0.7, block="mlp")
-  assert _model(cfg, (64,)).classifier == "radial" and _model(cfg, (64,)).radial_sigma == 0.7
+  model = build(cfg, (64,))[1]
+  assert model.classifier == "radial" and model.radial_sigma == 0.7
 
 
 def test_adjoint_solver_steps_are_not_a_resumable_change(tmp_path):
   for method, resumable in (("ct", True), ("adjoint", False)):
-    cfg = RunConfig.create(method).to_dict()
+    run = RunConfig.create(method)
+    cfg = run.to_dict()
     # An omitted setting equals its explicit default.
-    assert config_changes(tmp_path, cfg, RunConfig.create(method, inference_steps=1000).to_dict()) == {}
+    same = RunConfig.create(method, inference_steps=1000).to_dict()
+    assert config_changes(tmp_path, cfg, same, run.resumable) == {}
     changed = RunConfig.create(method, inference_steps=100).to_dict()  # CT: inference only
     if resumable:
-      assert config_changes(tmp_path, cfg, changed) == {"inference_steps": [1000, 100]}
+      assert config_changes(tmp_path, cfg, changed, run.resumable) == {"inference_steps": [1000, 100]}
     else:  # the adjoint trains with its solver steps
       with pytest.raises(ConfigMismatchError, match="inference_steps: saved 1000, now 100"):
-        config_changes(tmp_path, cfg, changed)
+        config_changes(tmp_path, cfg, changed, run.resumable)

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import build
+from conftest import assert_trees, build
 from noprop_jax import blocks, core, dt, trainer
 from noprop_jax.blocks import max_pool_2x2
-from noprop_jax.config import METHODS, RunConfig
+from noprop_jax.config import RunConfig
 from noprop_jax.conv import col2im, conv2d as conv_patches, conv2d_gemm, im2col
 
 
@@ -19,7 +19,7 @@ def _params_per_block(**kw) -> int:
   cfg = RunConfig.create(**kw)
   _, model = build(cfg)
   state = jax.eval_shape(lambda k: trainer.init_state(cfg, model, k), jax.random.key(0))
-  return METHODS[cfg.method].num_block_params(state)
+  return cfg.method_record.num_block_params(state)
 
 
 @pytest.mark.parametrize("kw, expected", [
@@ -191,8 +191,8 @@ def test_image_path_is_the_papers_conv_relu_pool_order(shape, padding, impls):
     ref = lambda p: jnp.sum(nn.relu(Reference().apply({"params": p}, x)) ** 2)
     (v_ours, g_ours), (v_ref, g_ref) = (jax.jit(jax.value_and_grad(f))(params) for f in (ours, ref))
     np.testing.assert_allclose(v_ours, v_ref, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
-      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(jnp.abs(b).max()))
+    assert_trees(g_ours, g_ref, rtol=2e-4, atol=lambda b: 2e-4 * float(jnp.abs(b).max()),
+                 what=impl)
 
 
 # ----------------------------------------------------------------------------- bfloat16 and t

@@ -10,35 +10,32 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import continual  # noqa: E402
-from noprop_jax import data  # noqa: E402
-
-DIGITS = data.load("digits")
 
 
-def test_split_tasks_hold_exactly_their_two_classes_and_every_example():
-  tasks = continual.split_tasks(DIGITS)
+def test_split_tasks_hold_exactly_their_two_classes_and_every_example(digits):
+  tasks = continual.split_tasks(digits)
   assert [t.classes for t in tasks] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
   for t in tasks:
-    for split, full in ((t.train, DIGITS.train), (t.test, DIGITS.test)):
+    for split, full in ((t.train, digits.train), (t.test, digits.test)):
       assert set(np.unique(split.labels)) == set(t.classes)
       want = np.isin(full.labels, t.classes)
       np.testing.assert_array_equal(split.images, full.images[want])
-  assert sum(len(t.train.labels) for t in tasks) == len(DIGITS.train.labels)
+  assert sum(len(t.train.labels) for t in tasks) == len(digits.train.labels)
   with pytest.raises(ValueError, match="do not split"):
-    continual.split_tasks(DIGITS, classes_per_task=3)
+    continual.split_tasks(digits, classes_per_task=3)
 
 
-def test_permutations_are_seeded_fixed_and_applied_to_train_and_test_alike():
-  a, b = continual.permuted_tasks(DIGITS, 3, seed=0), continual.permuted_tasks(DIGITS, 3, seed=0)
-  c = continual.permuted_tasks(DIGITS, 3, seed=1)
+def test_permutations_are_seeded_fixed_and_applied_to_train_and_test_alike(digits):
+  a, b = continual.permuted_tasks(digits, 3, seed=0), continual.permuted_tasks(digits, 3, seed=0)
+  c = continual.permuted_tasks(digits, 3, seed=1)
   perms = continual.permutations(3, 64, 0)
   assert all(sorted(p) == list(range(64)) for p in perms) and len({tuple(p) for p in perms}) == 3
   for k in range(3):
     np.testing.assert_array_equal(a[k].train.images, b[k].train.images)
     assert not np.array_equal(a[k].train.images, c[k].train.images)
-    flat = DIGITS.test.images.reshape(len(DIGITS.test.labels), -1)
+    flat = digits.test.images.reshape(len(digits.test.labels), -1)
     np.testing.assert_array_equal(a[k].test.images.reshape(len(flat), -1), flat[:, perms[k]])
-    np.testing.assert_array_equal(a[k].train.labels, DIGITS.train.labels)
+    np.testing.assert_array_equal(a[k].train.labels, digits.train.labels)
     assert a[k].classes == tuple(range(10))
 
 
@@ -88,18 +85,29 @@ def test_one_run_end_to_end_on_the_digits(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "| class-incremental | NoProp-DT | mlp |" in md and "| task-incremental |" in md
   assert "| class-incremental | Plain MLP, backprop (reference) | 2x400 |" in md
-  assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 0
-  assert (tmp_path / "plots" / "R_split.png").stat().st_size > 0
+  # The plots: whole PNGs of one panel per row and scoring, at the figure's size and dpi
+  # (accuracy: 4 x 3.2 in per panel, R matrices: 3.2 x 3 in; 110 dpi).
+  panels = len(r["R"]) + len(plain["R"])
+  assert _png_shape(tmp_path / "plots" / "accuracy.png") == (352, 440 * panels)
+  assert _png_shape(tmp_path / "plots" / "R_split.png") == (330, 352 * panels)
 
 
-def test_multihead_training_leaves_the_other_tasks_outputs_untouched():
-  tasks = continual.split_tasks(DIGITS)
+def _png_shape(path: Path) -> tuple[int, int]:
+  """(height, width) of a PNG file, decoded whole (a truncated or corrupt file fails)."""
+  from matplotlib import image
+
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+  return image.imread(path, format="png").shape[:2]
+
+
+def test_multihead_training_leaves_the_other_tasks_outputs_untouched(digits):
+  tasks = continual.split_tasks(digits)
   task_of = continual.task_of_class(tasks, 10)
   np.testing.assert_array_equal(task_of, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
   x, y = tasks[1].train.images[:32], tasks[1].train.labels[:32]
   heads = {}
   for name, kw in (("shared", {}), ("multi", {"task_of": task_of})):
-    learner = continual.PlainLearner(DIGITS, batch_size=32, lr=1e-2, **kw)
+    learner = continual.PlainLearner(digits, batch_size=32, lr=1e-2, **kw)
     state = learner.init(0, x, y)
     out0 = {k: np.asarray(v) for k, v in state["params"]["params"]["Dense_2"].items()}
     state, _ = learner.step(state, x, y)

@@ -8,19 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noprop_jax import blocks, core, ct, data, dt, fm, solvers, trainer
+from conftest import build, make_model
+from noprop_jax import blocks, core, ct, dt, fm, solvers
 from noprop_jax.blocks import CTBlock, sinusoidal_embedding
 from noprop_jax.config import RunConfig
 from noprop_jax.schedule import LearnedSchedule, schedule_values
-
-DIGITS = data.load("digits")
-SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
-
-
-def _model(method, dataset="digits", **settings):
-  """The method's Model with the paper's block, as the training loop builds it."""
-  cfg = RunConfig.create(method, dataset=dataset, **settings)
-  return trainer.build_model(cfg, SHAPES[dataset], 10, trainer.resolve_compute(cfg))
 
 
 def _scrambled_schedule(key, g0=-3.3, g1=6.1):
@@ -84,7 +76,7 @@ def test_schedule_gradients_reach_the_endpoints_and_the_network():
 @pytest.mark.parametrize("dataset, count", [("mnist", 867_722), ("cifar10", 1_163_210)])
 def test_ct_block_parameter_count_matches_the_paper(dataset, count):
   for mod in (ct, fm):
-    model = _model(mod.__name__.split(".")[-1], dataset)
+    model = make_model(mod.__name__.split(".")[-1], dataset=dataset)
     assert isinstance(model.block, CTBlock) and model.block.padding == "VALID"
     state = jax.eval_shape(lambda: mod.init(model, jax.random.key(0)))
     assert mod.num_block_params(state) == count
@@ -157,10 +149,10 @@ def test_ct_noisy_input_has_the_marginal_of_q():
   assert abs(float(np.corrcoef(eps[:, 0], eps[:, 1])[0, 1])) < 0.03  # independent noise
 
 
-def test_ct_loss_terms():
-  model = _model("ct")
+def test_ct_loss_terms(digits):
+  model = make_model("ct")
   state = ct.init(model, jax.random.key(0))
-  x, y = jnp.asarray(DIGITS.train.images[:64]), jnp.asarray(DIGITS.train.labels[:64])
+  x, y = jnp.asarray(digits.train.images[:64]), jnp.asarray(digits.train.labels[:64])
   vg = jax.jit(jax.value_and_grad(lambda p, k: ct.loss(model, p, x, y, k), has_aux=True))
   (loss, m), g = vg(state["params"], jax.random.key(1))
   assert float(loss) == pytest.approx(float(m["ce"] + m["kl"] + m["denoise"]), rel=1e-6)
@@ -202,12 +194,12 @@ def test_fm_path_and_target():
   assert float(loss_of(noisy, state["params"])[0]) > 1e-3
 
 
-def test_fm_anchor_with_a_learned_embedding():
+def test_fm_anchor_with_a_learned_embedding(digits):
   model = fm.Model(blocks.MLPTimeBlock(10, hidden=16, depth=1), (64,), 10, embedding="learned",
                    embedding_dim=6)
   state = fm.init(model, jax.random.key(0))
   assert model.anchored and set(state["params"]) == {"block", "embed", "head"}
-  x, y = jnp.asarray(DIGITS.train.images[:32].reshape(32, 64)), jnp.asarray(DIGITS.train.labels[:32])
+  x, y = jnp.asarray(digits.train.images[:32].reshape(32, 64)), jnp.asarray(digits.train.labels[:32])
   (loss, m), g = jax.jit(jax.value_and_grad(lambda p: fm.loss(model, p, x, y, jax.random.key(1)),
                                             has_aux=True))(state["params"])
   assert float(loss) == pytest.approx(float(m["fm"] + m["ce"]), rel=1e-6)
@@ -244,8 +236,8 @@ def _whole(model):
 
 @pytest.mark.parametrize("block", [CTBlock(10, "SAME", conv_impl="xla"),
                                    blocks.MLPTimeBlock(10, hidden=32)])
-def test_from_features_equals_the_whole_block(block):
-  x = jnp.asarray(DIGITS.test.images[:16])
+def test_from_features_equals_the_whole_block(block, digits):
+  x = jnp.asarray(digits.test.images[:16])
   z = jax.random.normal(jax.random.key(1), (16, 10))
   variables = jax.jit(lambda k: core.init_block(block, k, x[:1], z[:1], jnp.zeros((1,))))(
       jax.random.key(0))
@@ -262,15 +254,15 @@ def test_from_features_equals_the_whole_block(block):
 
 
 @pytest.mark.parametrize("method", ["ct", "fm"])
-def test_hoisted_inference_equals_whole_block_inference(method):
+def test_hoisted_inference_equals_whole_block_inference(method, digits):
   mod = {"ct": ct, "fm": fm}[method]
-  model = _model(method, inference_steps=20)
+  model = make_model(method, inference_steps=20)
   state = mod.init(model, jax.random.key(0))
   step = mod.make_train_step(model)
-  x, y = jnp.asarray(DIGITS.train.images[:128]), jnp.asarray(DIGITS.train.labels[:128])
+  x, y = jnp.asarray(digits.train.images[:128]), jnp.asarray(digits.train.labels[:128])
   for _ in range(5):  # move away from the initialisation
     state, _ = step(state, x, y)
-  xt = jnp.asarray(DIGITS.test.images[:64])
+  xt = jnp.asarray(digits.test.images[:64])
   whole = _whole(model)
   hoisted, naive = mod.predict(model, state, xt), mod.predict(whole, state, xt)
   np.testing.assert_allclose(hoisted, naive, rtol=1e-4, atol=1e-4)
@@ -281,11 +273,11 @@ def test_hoisted_inference_equals_whole_block_inference(method):
                              rtol=1e-4, atol=1e-4)
 
 
-def test_eval_counts_agree_with_predict():
-  model = _model("ct", inference_steps=10)
+def test_eval_counts_agree_with_predict(digits):
+  model = make_model("ct", inference_steps=10)
   compute = core.Compute().resolve(1)
   state = ct.init(model, jax.random.key(0))
-  x, y = jnp.asarray(DIGITS.test.images[:50]), jnp.asarray(DIGITS.test.labels[:50])
+  x, y = jnp.asarray(digits.test.images[:50]), jnp.asarray(digits.test.labels[:50])
   mean, stoch = jax.jit(lambda s, k: ct.eval_counts(model, compute, s, x, y, k, 3))(
       state, jax.random.key(1))
   assert int(mean) == int(jnp.sum(jnp.argmax(ct.predict(model, state, x), -1) == y))
@@ -296,11 +288,11 @@ def test_eval_counts_agree_with_predict():
   assert int(mean_sde) == int(mean) and stoch_sde.shape == (2,)
 
 
-def test_ct_sde_sampler_runs_and_differs_from_the_ode():
-  ode_model = _model("ct", inference_steps=50)
+def test_ct_sde_sampler_runs_and_differs_from_the_ode(digits):
+  ode_model = make_model("ct", inference_steps=50)
   sde_model = dataclasses.replace(ode_model, ct_sampler="sde")
   state = ct.init(sde_model, jax.random.key(0))
-  h = ct.features(sde_model, state, jnp.asarray(DIGITS.test.images[:16]))
+  h = ct.features(sde_model, state, jnp.asarray(digits.test.images[:16]))
   z0 = jax.random.normal(jax.random.key(3), (16, 10))
   k = jax.random.key(4)
   sde = ct.integrate(sde_model, state, h, z0, k)
@@ -313,7 +305,7 @@ def test_ct_sde_sampler_runs_and_differs_from_the_ode():
 
 @pytest.mark.parametrize("mod", [ct, fm])
 def test_predict_rejects_bad_input(mod):
-  model = _model(mod.__name__.split(".")[-1], inference_steps=5)
+  model = make_model(mod.__name__.split(".")[-1], inference_steps=5)
   state = mod.init(model, jax.random.key(0))
   with pytest.raises(ValueError, match=r"inputs must have shape \[batch, 8, 8, 1\]"):
     mod.predict(model, state, jnp.zeros((4, 28, 28, 1)))
@@ -324,7 +316,7 @@ def test_predict_rejects_bad_input(mod):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(method="ct", training="sequential"), "NoProp-DT's"),
+    (dict(method="ct", training="sequential"), r"training sequential .* is not implemented by ct; methods that have it: \['dt'"),
     (dict(method="fm", inference_steps=0), "inference_steps >= 1"),
     (dict(method="fm", fm_sigma=-0.1), "fm_sigma must be >= 0"),
     (dict(method="ct", gamma_0_init=5.0, gamma_1_init=-5.0), "gamma_1_init > gamma_0_init"),
@@ -339,9 +331,9 @@ def test_continuous_config_errors(overrides, match):
 
 def test_continuous_defaults_follow_table_4():
   cfg = RunConfig.create("ct", dataset="cifar10")
-  model = trainer.build_model(cfg, (32, 32, 3), 10, trainer.resolve_compute(cfg))
+  model = build(cfg)[1]
   assert (model.eta, cfg.train.epochs, model.inference_steps, cfg.train.lr,
           cfg.train.weight_decay) == (1.0, 500, 1000, 1e-3, 1e-3)
   assert RunConfig.create("fm", dataset="cifar100").train.epochs == 1000
   assert RunConfig.create("fm", dataset="mnist").train.epochs == 100
-  assert _model("dt", "mnist").eta == 0.1 and dt.Model.eta == 0.1
+  assert make_model("dt", dataset="mnist").eta == 0.1 and dt.Model.eta == 0.1

@@ -321,8 +321,11 @@ def test_digits_split_is_fixed_and_stratified():
 def test_digits_are_scikit_learns_whether_read_from_its_file_or_through_it(monkeypatch):
   from sklearn.datasets import load_digits
 
+  import sklearn.datasets
+
   want = load_digits()
-  assert data._sklearn_digits_file() is not None  # this install has the file: read directly
+  # This install has the file scikit-learn reads: read directly.
+  assert data._sklearn_digits_file() == Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
   for found in (True, False):
     if not found:
       monkeypatch.setattr(data.digits, "_sklearn_digits_file", lambda: None)

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noprop_jax import blocks, config, core, data, dt, trainer
-from noprop_jax.config import METHODS, RunConfig
-from conftest import stepper
+from noprop_jax import blocks, cli, config, core, dt, trainer
+from noprop_jax import method as methods
+from noprop_jax.config import RunConfig
+from conftest import at_most_traced, build, stepper
 
 ROOT = Path(__file__).resolve().parents[1]
-DIGITS = data.load("digits")
 
 
 # ----------------------------------------------------------------------------- module layout
@@ -41,13 +41,36 @@ def _imported_modules(path: Path) -> set[str]:
   return out
 
 
+LIBRARY_METHODS = {"dt", "ct", "fm", "backprop", "adjoint", "diffusion_blocks", "local"}
+# The shared modules: the training loop, its settings, files and programs, and the core.
+SHARED = ("trainer", "config", "cli", "workdir", "checkpoint", "programs", "autotune", "health",
+          "sharding", "setting", "core")
+
+
+def _shared_files():
+  for name in SHARED:
+    path = ROOT / "noprop_jax" / f"{name}.py"
+    yield from sorted((ROOT / "noprop_jax" / name).glob("*.py")) if not path.exists() else [path]
+
+
 def test_no_method_module_imports_another():
-  assert set(METHODS) == {"dt", "ct", "fm", "backprop", "adjoint", "diffusion_blocks", "local"}
-  for name in METHODS:
+  assert LIBRARY_METHODS <= set(methods.names())
+  for name in LIBRARY_METHODS:
     imported = _imported_modules(ROOT / "noprop_jax" / f"{name}.py")
-    assert "core" in imported, name  # the shared pieces come from core
-    others = imported & (set(METHODS) - {name})
+    assert "core" in imported and "method" in imported, name  # the shared pieces, the contract
+    others = imported & (LIBRARY_METHODS - {name})
     assert not others, f"noprop_jax/{name}.py imports the method module(s) {sorted(others)}"
+
+
+def test_the_shared_modules_know_no_method_by_name():
+  """The trainer, configuration, workdir, checkpoints, programs and core import no method
+  and name none: what differs per method is in its record, read through the registry."""
+  for path in _shared_files():
+    tree = ast.parse(path.read_text())
+    assert not _imported_modules(path) & LIBRARY_METHODS, path
+    named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in LIBRARY_METHODS}
+    assert not named, f"{path.relative_to(ROOT)} names the method(s) {sorted(named)}"
+    assert not any(isinstance(n, ast.Name) and n.id == "hasattr" for n in ast.walk(tree)), path
 
 
 def test_the_import_check_sees_every_import_form(tmp_path):
@@ -59,48 +82,45 @@ def test_the_import_check_sees_every_import_form(tmp_path):
 
 # ----------------------------------------------------------------------------- the seed
 
-def test_two_seeds_share_one_compiled_step(traces):
+def test_two_seeds_share_one_compiled_step(digits, traces, counted_method):
   """The seed lives in the state (its 'rng'), not in the compiled config: a second seed's
   state runs through the step compiled for the first, and trains differently."""
-  cfgs = [RunConfig.create(dataset="digits", T=2, block="mlp", hidden=16, batch_size=32, seed=s)
-          for s in (0, 1)]
-  n = len(DIGITS.train.labels)
-  x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)
-  compute = trainer.resolve_compute(cfgs[0])
-  models = [trainer.build_model(c, x.shape[1:], 10, compute) for c in cfgs]
-  assert models[0] == models[1] and hash(models[0]) == hash(models[1])  # static args: equal
-  states = [trainer.init_state(c, m, jax.random.key(c.train.seed)) for c, m in zip(cfgs, models)]
+  # NoProp-DT's record again, with a train_step that fails the test when traced twice
+  # (chex.assert_max_traces): the trainer builds this copy an epoch step of its own.
+  name = counted_method("dt", "dt_two_seeds").name
+  cfgs = [RunConfig.create(name, dataset="digits", T=2, block="mlp", hidden=16, batch_size=32,
+                           seed=s) for s in (0, 1)]
+  n = len(digits.train.labels)
+  x, y = jax.device_put(digits.train.images), jax.device_put(digits.train.labels)
+  (compute, model), (_, model1) = build(cfgs[0]), build(cfgs[1])
+  assert model == model1 and hash(model) == hash(model1)  # static args: equal
+  states = [trainer.init_state(c, model, jax.random.key(c.train.seed)) for c in cfgs]
   # The trainer's epoch step: built from the seed-0 config, run on both seeds' states.
-  trainer._epoch_step.cache_clear()  # (an earlier test may have built this step)
-  step = stepper(cfgs[0], models[0], compute, n)
-  traces.clear()
-  s0, m0 = step(jax.tree.map(jnp.copy, states[0]), x, y)
-  assert len(traces) >= 1
-  traces.clear()
-  s1, m1 = step(jax.tree.map(jnp.copy, states[1]), x, y)
-  assert traces == [], f"a second seed retraced: {traces}"
+  step = stepper(cfgs[0], model, compute, n)
+  s0, m0 = step(jax.tree.map(jnp.copy, states[0]), x, y)  # traced (and compiled) here
+  s1, m1 = step(jax.tree.map(jnp.copy, states[1]), x, y)  # a retrace fails the test
   assert float(m0["loss"]) != float(m1["loss"])  # other batches, noise and initial weights
-  # The method's own jitted step likewise.
-  step = dt.make_train_step(models[0], cfgs[0].train.optim, compute)
+  # The method's own jitted step likewise (dt.make_train_step: core.jit_step of train_step).
+  step = core.jit_step(at_most_traced(dt.train_step), model, cfgs[0].train.optim, compute)
   xb, yb = x[:32], y[:32]
   step(jax.tree.map(jnp.copy, states[0]), xb, yb)
+  step(jax.tree.map(jnp.copy, states[1]), xb, yb)
+  # Neither init: the key is a traced argument. (The library's init is jitted already, so
+  # chex cannot wrap it: `traces` sees every program traced.)
   traces.clear()
-  _, m1 = step(jax.tree.map(jnp.copy, states[1]), xb, yb)
-  assert traces == [], f"a second seed retraced: {traces}"
-  # Neither init: the key is a traced argument.
-  trainer.init_state(cfgs[0], models[0], jax.random.key(2))
+  trainer.init_state(cfgs[0], model, jax.random.key(2))
   assert traces == [], f"a third seed re-initialised by retracing: {traces}"
 
 
-def test_the_trainer_builds_one_step_and_evaluator_per_setting(monkeypatch):
+def test_the_trainer_builds_one_step_and_evaluator_per_setting(digits, method_registry):
   """A second run in the process with the same settings (another seed, a resumed run)
   gets the step and evaluator already traced; other settings and a replaced method step
   get their own; settings that cannot be hashed (a user's block with a list attribute)
   get a new one each time."""
   cfg = RunConfig.create(dataset="digits", T=2, block="mlp", hidden=16, batch_size=32)
   compute = trainer.resolve_compute(cfg)
-  model = lambda c: trainer.build_model(c, (8, 8, 1), 10, compute)
-  n = len(DIGITS.train.labels)
+  model = lambda c: build(c)[1]
+  n = len(digits.train.labels)
   seed1 = RunConfig.create(dataset="digits", T=2, block="mlp", hidden=16, batch_size=32, seed=1)
   assert trainer.make_epoch_step(cfg, model(cfg), compute, n) is trainer.make_epoch_step(
       seed1, model(seed1), compute, n)
@@ -112,9 +132,14 @@ def test_the_trainer_builds_one_step_and_evaluator_per_setting(monkeypatch):
   assert trainer.make_evaluator(cfg, model(cfg), compute, n, 3) is not trainer.make_evaluator(
       cfg, model(cfg), compute, n, 2)
   step = trainer.make_epoch_step(cfg, model(cfg), compute, n)
+  # A replaced method step: NoProp-DT's record with another train_step (a user's experiment).
   real = dt.train_step
-  monkeypatch.setattr(dt, "train_step", lambda *a: real(*a))  # a replaced method step
-  assert trainer.make_epoch_step(cfg, model(cfg), compute, n) is not step
+  replaced = method_registry.register(dataclasses.replace(
+      methods.get("dt"), name="dt_replaced_step", train_step=lambda *a: real(*a)))
+  again = RunConfig.create(replaced.name, dataset="digits", T=2, block="mlp", hidden=16,
+                           batch_size=32)
+  assert model(again) == model(cfg)
+  assert trainer.make_epoch_step(again, model(again), compute, n) is not step
   listy = dt.Model(ListBlock(10, widths=[16]), (8, 8, 1), 10, T=2)
   with pytest.raises(TypeError):
     hash(listy)
@@ -154,9 +179,9 @@ def _vectors(split):
   return split.images.reshape(len(split.labels), -1), split.labels
 
 
-def test_a_user_block_trains_with_noprop_dt_on_vectors():
-  x, y = _vectors(DIGITS.train)
-  x_test, y_test = _vectors(DIGITS.test)
+def test_a_user_block_trains_with_noprop_dt_on_vectors(digits):
+  x, y = _vectors(digits.train)
+  x_test, y_test = _vectors(digits.test)
   assert x.shape[1:] == (64,)
   model = dt.Model(UserMLP(10), (64,), 10, T=3)
   assert not core.has_split(model.block)
@@ -193,9 +218,9 @@ class WholeMLP(nn.Module):
     return blocks.MLPBlock(self.num_classes, hidden=32, dropout=self.dropout, name="inner")(x, z, train)
 
 
-def test_the_feature_split_predicts_as_the_whole_block():
+def test_the_feature_split_predicts_as_the_whole_block(digits):
   """dt.predict through features/from_features equals dt.predict calling whole blocks."""
-  x, _ = _vectors(DIGITS.test)
+  x, _ = _vectors(digits.test)
   split = dt.Model(blocks.MLPBlock(10, hidden=32, dropout=0.3), (64,), 10, T=3)
   whole = dt.Model(WholeMLP(10, 0.3), (64,), 10, T=3)
   assert core.has_split(split.block) and not core.has_split(whole.block)
@@ -225,7 +250,7 @@ def _settings() -> set[str]:
   """Every setting of a run: the method, each method's Model fields (less block and data
   shapes), and the fields of the block, data and train concerns."""
   names = {"method"}
-  for m in METHODS:
+  for m in methods.names():
     names |= set(config.method_settings(m))
   for cls in (blocks.BlockConfig, config.DataConfig, config.TrainConfig):
     names |= {f.name for f in dataclasses.fields(cls)}
@@ -235,16 +260,16 @@ def _settings() -> set[str]:
 def test_every_setting_has_exactly_one_flag_and_every_flag_is_a_setting():
   settings = _settings()
   p = argparse.ArgumentParser()
-  config.add_flags(p)
+  cli.add_flags(p)
   actions = [a for a in p._actions if a.dest != "help"]
   by_dest = {}
   for a in actions:
     by_dest.setdefault(a.dest, []).append(a.option_strings)
-  assert set(by_dest) == settings
+  assert set(by_dest) == settings | {"method_module"}  # and the module that registers a method
   for dest, options in by_dest.items():
     assert len(options) == 1 and len(options[0]) == 1, (dest, options)
   # No two concerns (or the run and a method) share a field name: a flag names one setting.
-  groups = [set(config.method_settings(m)) for m in METHODS]
+  groups = [set(config.method_settings(m)) for m in methods.names()]
   concerns = [{f.name for f in dataclasses.fields(c)}
               for c in (blocks.BlockConfig, config.DataConfig, config.TrainConfig)]
   method_names = set().union(*groups)
@@ -253,10 +278,10 @@ def test_every_setting_has_exactly_one_flag_and_every_flag_is_a_setting():
     for d in concerns[i + 1:]:
       assert not c & d, c & d
   flags = {options[0][0] for options in by_dest.values()}
-  assert {f"--no-{f}" if f"--no-{f}" in flags else f"--{f}" for f in config.settings_by_flag()} == flags
+  assert {f"--no-{f}" if f"--no-{f}" in flags else f"--{f}" for f in cli.settings_by_flag()} == flags - {"--method-module"}
   # experiments/train.py: the settings' flags and its own few.
   train_flags = {a.dest: a.option_strings for a in _train_parser()._actions if a.dest != "help"}
-  own = {"workdir", "checkpoint_every", "no_progress", "distributed", "flag_table"}
+  own = {"workdir", "checkpoint_every", "no_progress", "distributed", "flag_table", "method_module"}
   assert own <= set(train_flags)
   assert set(train_flags) - own == settings
   for dest in settings:
@@ -267,18 +292,18 @@ def test_flags_reach_their_settings():
   args = _train_parser().parse_args(
       ["--T", "3", "--eta", "0.5", "--block", "mlp", "--hidden", "16", "--lr", "0.01",
        "--dataset", "mnist", "--no-verify", "--mesh", "data=2", "--embedding", "learned"])
-  cfg = config.from_args(args)
+  cfg = cli.from_args(args)
   assert (cfg.method, cfg.T, cfg.model["eta"], cfg.model["embedding"]) == ("dt", 3, 0.5, "learned")
   assert (cfg.block.block, cfg.block.hidden, cfg.train.lr, cfg.train.mesh) == ("mlp", 16, 0.01, "data=2")
   assert (cfg.data.dataset, cfg.data.verify) == ("mnist", False)
   with pytest.raises(ValueError, match="not of ct"):
-    config.from_args(_train_parser().parse_args(["--method", "ct", "--T", "3"]))
+    cli.from_args(_train_parser().parse_args(["--method", "ct", "--T", "3"]))
 
 
 def test_readme_flag_table_is_generated_from_the_settings():
   text = (ROOT / "README.md").read_text()
   assert text.count("<!-- flags -->\n") == 1 and text.count("<!-- /flags -->") == 1
   section = text.split("<!-- flags -->\n", 1)[1].split("<!-- /flags -->", 1)[0]
-  assert section.strip() == config.flag_table().strip(), (
+  assert section.strip() == cli.flag_table().strip(), (
       "README.md's flag table is out of date: paste `python experiments/train.py --flag-table` "
       "between <!-- flags --> and <!-- /flags -->")

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from noprop_jax import data
+from conftest import assert_trees
 
 CHECK = Path(__file__).with_name("multihost_check.py")
 TIMEOUT = 300  # seconds for all three processes (about 35 s of CPU time in all)
@@ -73,8 +73,8 @@ def _tree(result: dict, name: str) -> dict:
 @pytest.mark.skipif(not {"jax_cpu_collectives_implementation", "jax_num_cpu_devices"}
                     <= set(jax.config.values),
                     reason="this jax has no collectives between CPU processes")
-def test_two_hosts_train_like_one_process_and_only_process_0_writes_run_files(tmp_path):
-  digits = data.load("digits")  # a slice: 4 steps of 64, a test split of 120
+def test_two_hosts_train_like_one_process_and_only_process_0_writes_run_files(tmp_path, digits):
+  # A slice of the digits: 4 steps of 64, a test split of 120.
   np.savez(tmp_path / "data.npz", train_x=digits.train.images[:256],
            train_y=digits.train.labels[:256], test_x=digits.test.images[:120],
            test_y=digits.test.labels[:120])
@@ -103,8 +103,7 @@ def test_two_hosts_train_like_one_process_and_only_process_0_writes_run_files(tm
   ref_state = _tree(r, "state")
   assert len(ref_state) > 10 and _tree(h0, "state").keys() == ref_state.keys()
   for h in (h0, h1):
-    for k, v in _tree(h, "state").items():
-      np.testing.assert_allclose(v, ref_state[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    assert_trees(_tree(h, "state"), ref_state, rtol=1e-6, atol=1e-7)
   assert h0["summary"]["test_accuracy"] == r["summary"]["test_accuracy"]
   assert h0["summary"]["test_accuracy_stochastic_runs"] == r["summary"]["test_accuracy_stochastic_runs"]
   assert h0["summary"]["mesh"] == {"blocks": 2, "data": 2}
@@ -113,8 +112,7 @@ def test_two_hosts_train_like_one_process_and_only_process_0_writes_run_files(tm
   assert int(r["trees"]["restored_step"]) == 4
   restored = _tree(r, "restored")
   assert restored.keys() == ref_state.keys()
-  for k, v in restored.items():
-    np.testing.assert_allclose(v, ref_state[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  assert_trees(restored, ref_state, rtol=1e-6, atol=1e-7)
   assert sorted(int(p.name) for p in (hosts / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
   # Run files: process 0 wrote them all, process 1 none (nor printed).

@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import build, reordering_atol
-from noprop_jax import core, data, dt, trainer
+from conftest import assert_trees, build, reordering_atol
+from noprop_jax import core, dt, trainer
 from noprop_jax.config import RunConfig, parse_mesh
 
-DIGITS = data.load("digits")
 BASE = dict(dataset="digits", T=4, batch_size=64)
 
 
@@ -23,13 +22,13 @@ def _cfg(**kw):
   return RunConfig.create(**{**BASE, **kw})
 
 
-def _steps(cfg, n=3):
+def _steps(digits, cfg, n=3):
   compute, model = build(cfg)
   step = jax.jit(partial(dt.train_step, model, cfg.train.optim, compute))
   state = trainer.init_state(cfg, model, jax.random.key(0))
   for i in range(n):
     sl = slice(64 * i, 64 * (i + 1))
-    state, m = step(state, DIGITS.train.images[sl], DIGITS.train.labels[sl])
+    state, m = step(state, digits.train.images[sl], digits.train.labels[sl])
   return state, m
 
 
@@ -39,17 +38,7 @@ SETTINGS = [dict(formulation="unroll", blocks_per_step=2), dict(formulation="vma
             dict(formulation="scan")]
 
 
-def assert_same_state(state, ref, what):
-  """Equal up to float reordering (`reordering_atol`), leaf by leaf."""
-  got = dict(jax.tree_util.tree_leaves_with_path(state))
-  for path, a in jax.tree_util.tree_leaves_with_path(ref):
-    atol = reordering_atol(a)
-    if atol is not None:
-      np.testing.assert_allclose(got[path], a, rtol=0, atol=atol,
-                                 err_msg=f"{what}: {jax.tree_util.keystr(path)}")
-
-
-def test_every_blocks_per_step_setting_takes_the_same_step():
+def test_every_blocks_per_step_setting_takes_the_same_step(digits):
   """Chunks of k blocks (vmapped or unrolled, the chunks scanned) only reorder floats: from
   each state of a three-step reference run, every setting's step gives the reference's next
   state (parameters, optimizer state, BatchNorm statistics, key, count) and block losses.
@@ -66,7 +55,7 @@ def test_every_blocks_per_step_setting_takes_the_same_step():
     compute, model = build(cfg)
     return jax.jit(partial(dt.train_step, model, cfg.train.optim, compute))
 
-  batches = [(DIGITS.train.images[64 * i:64 * (i + 1)], DIGITS.train.labels[64 * i:64 * (i + 1)])
+  batches = [(digits.train.images[64 * i:64 * (i + 1)], digits.train.labels[64 * i:64 * (i + 1)])
              for i in range(3)]
   cfg = _cfg(formulation="vmap", conv_impl="patches")
   ref, ref_step = [(trainer.init_state(cfg, build(cfg)[1], jax.random.key(0)), None)], stepper(cfg)
@@ -77,16 +66,17 @@ def test_every_blocks_per_step_setting_takes_the_same_step():
     for i, (x, y) in enumerate(batches):
       state, m = step(ref[i][0], x, y)
       want, m_want = ref[i + 1]
-      assert_same_state(state, want, f"{kw} step {i}")
+      # Equal up to float reordering, leaf by leaf.
+      assert_trees(state, want, atol=reordering_atol, what=f"{kw} step {i}")
       np.testing.assert_allclose(m["block_loss"], m_want["block_loss"], rtol=1e-4)
 
 
-def test_chunks_reach_every_block_once():
+def test_chunks_reach_every_block_once(digits):
   """Blocks-per-step 2 of T=4: every block's parameters change, each by its own gradient."""
   cfg = _cfg(formulation="vmap", blocks_per_step=2)
   _, model = build(cfg)
   s0 = trainer.init_state(cfg, model, jax.random.key(0))
-  s1, m = _steps(cfg, n=1)
+  s1, m = _steps(digits, cfg, n=1)
   k0 = s0["blocks"]["params"]["image"]["Conv_0"]["kernel"]
   k1 = s1["blocks"]["params"]["image"]["Conv_0"]["kernel"]
   assert all(not np.allclose(k0[i], k1[i]) for i in range(4))
@@ -109,8 +99,10 @@ def _no_T(kw):
     (_no_T(dict(mesh="blocks=2", method="fm")), "use data=N"),
     (dict(mesh="data=3"), "divisible by the mesh's data=3"),
     (dict(precision="float16"), "unknown precision"),
-    (dict(method="backprop", precision="bfloat16"), "not backprop"),
-    ({**BASE, "method": "ct"}, "--T is a setting of dt, backprop, diffusion_blocks, local, not of ct"),
+    (dict(method="backprop", precision="bfloat16"), "not implemented by backprop; methods that "
+     r"have it: \['dt', 'ct', 'fm', 'diffusion_blocks'"),
+    # (and any method a test registered: the registry's, in registration order)
+    ({**BASE, "method": "ct"}, "--T is a setting of dt, diffusion_blocks, local, backprop(, \\w+)*, not of ct"),
 ])
 def test_bad_parallel_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
@@ -135,12 +127,12 @@ def test_mesh_larger_than_the_devices_is_an_error():
   assert make_mesh("") is None
 
 
-def test_auto_blocks_per_step_takes_the_largest_that_fits():
+def test_auto_blocks_per_step_takes_the_largest_that_fits(digits):
   # Batches of 256: activations, which grow with the blocks computed at once, dominate the
   # memory (at 64, the scan's own buffers can make chunks of 2 need more than all 4).
   cfg = _cfg(formulation="vmap", batch_size=256)
-  n = len(DIGITS.train.labels)
-  x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)
+  n = len(digits.train.labels)
+  x, y = jax.device_put(digits.train.images), jax.device_put(digits.train.labels)
   compute, model = build(cfg)
   state = trainer.init_state(cfg, model, jax.random.key(0))
   order = trainer.batch_order(state["rng"], state["step"], n, n // 256)
@@ -150,7 +142,7 @@ def test_auto_blocks_per_step_takes_the_largest_that_fits():
 
   def need(k):
     c = dataclasses.replace(compute, blocks_per_step=k)
-    m = trainer.build_model(cfg, x.shape[1:], 10, c)
+    m = trainer.build_model(cfg, x.shape[1:], 10, c)  # (this compute, not the config's)
     return core.peak_bytes(trainer.make_epoch_step(cfg, m, c, n).lower(state, x, y, order).compile())
 
   need = {k: need(k) for k in (4, 2, 1)}
@@ -164,13 +156,13 @@ def test_auto_blocks_per_step_takes_the_largest_that_fits():
     trainer.fit_blocks_per_step(cfg, 10, n, state, x, y, order, limit_bytes=need[1] / 2)
 
 
-def test_evaluation_batch_is_fitted_to_memory_like_the_step():
+def test_evaluation_batch_is_fitted_to_memory_like_the_step(digits):
   """Evaluation runs many inference paths at once: its batch halves from 500 until the
   compiled evaluator fits, and the one it returns gives the same accuracies."""
   cfg = _cfg(T=2, block="mlp", hidden=32, inference_runs=3)
   compute, model = build(cfg)
   state = trainer.init_state(cfg, model, jax.random.key(0))
-  x, y = jax.device_put(DIGITS.train.images), jax.device_put(DIGITS.train.labels)  # 1438
+  x, y = jax.device_put(digits.train.images), jax.device_put(digits.train.labels)  # 1438
   key = jax.random.key(1)
   need = {b: core.peak_bytes(trainer.make_evaluator(cfg, model, compute, len(y), 3, b)
                              .lower(state, x, y, key).compile()) for b in (500, 250, 125)}
@@ -187,16 +179,16 @@ def test_evaluation_batch_is_fitted_to_memory_like_the_step():
     trainer.fit_evaluator(cfg, model, compute, 3, state, x, y, key, limit_bytes=1000)
 
 
-def test_bfloat16_computes_in_bf16_and_keeps_float32_state():
+def test_bfloat16_computes_in_bf16_and_keeps_float32_state(digits):
   cfg = _cfg(T=2, formulation="vmap", precision="bfloat16")
-  x, y = DIGITS.train.images[:64], DIGITS.train.labels[:64]
+  x, y = digits.train.images[:64], digits.train.labels[:64]
   compute, model = build(cfg)
   assert compute.precision == "bfloat16"
   state = trainer.init_state(cfg, model, jax.random.key(0))
   jaxpr = str(jax.make_jaxpr(lambda s: dt.train_step(model, cfg.train.optim, compute, s, x, y))(state))
   assert "bf16[" in jaxpr and "dot_general" in jaxpr
-  s16, m16 = _steps(cfg)
-  s32, m32 = _steps(_cfg(T=2, formulation="vmap", precision="float32"))
+  s16, m16 = _steps(digits, cfg)
+  s32, m32 = _steps(digits, _cfg(T=2, formulation="vmap", precision="float32"))
   for leaf in jax.tree.leaves(s16):
     assert leaf.dtype != jnp.bfloat16
   # Same run up to bf16 rounding: close, but not equal.
@@ -204,11 +196,13 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_state():
   assert not np.array_equal(m16["block_loss"], m32["block_loss"])
 
 
-def test_training_loop_has_no_hidden_host_transfers_and_compiles_each_step_once(tmp_path, traces):
+def test_training_loop_has_no_hidden_host_transfers_and_compiles_each_step_once(tmp_path, traces,
+                                                                                digits):
   """All of `train` (steps, logging, checkpoints, evaluation) under transfer_guard('disallow');
-  three epochs trace no more functions than one (nothing recompiles per epoch or step)."""
+  three epochs trace no more functions than one (nothing recompiles per epoch or step).
+  (`traces`, not chex: every program the loop compiles is counted, not only the method's.)"""
   lines = []
-  kw = dict(dataset=DIGITS, progress=False, print_fn=lines.append, log_every=3,
+  kw = dict(dataset=digits, progress=False, print_fn=lines.append, log_every=3,
             checkpoint_every=5)
   counts = {}
   for epochs in (1, 3):

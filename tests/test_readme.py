@@ -3,6 +3,19 @@
 import re
 from pathlib import Path
 
+import jax
+import pytest
+
+from noprop_jax import core, dt, fm
+
+
+def _mean_path_accuracy(module, model, state, x, y) -> float:
+  """The model's mean-path test accuracy as the library's evaluation counts it (eval_counts)."""
+  counts = jax.jit(module.eval_counts, static_argnums=(0, 1, 6))
+  compute = core.Compute().resolve(getattr(model, "T", 1))
+  correct, _ = counts(model, compute, state, x, y, jax.random.key(0), 0)
+  return int(correct) / len(y)
+
 
 def test_readme_examples_run(capsys):
   text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -12,13 +25,26 @@ def test_readme_examples_run(capsys):
   assert "T=10" in more_code and "range(3)" in more_code and "inference_steps=100" in more_code
   scope = {}
   exec(dt_code.replace("T=10", "T=2").replace("range(15)", "range(2)"), scope)
+  dt_model, dt_state = scope["model"], scope["state"]  # the second example reuses the names
   exec(more_code.replace("T=10", "T=2").replace("range(3)", "range(1)")
        .replace("inference_steps=100", "inference_steps=10"), scope)
   out = capsys.readouterr().out
-  accuracies = dict(re.findall(r"^(.*)test accuracy: ([0-9.]+)$", out, re.M))
+  accuracies = {k: float(a) for k, a in re.findall(r"^(.*)test accuracy: (\S+)$", out, re.M)}
   assert set(accuracies) == {"", "Backprop baseline ", "NoProp-FM "}, out
-  assert all(0.0 <= float(a) <= 1.0 for a in accuracies.values()), out
-  assert float(accuracies[""]) > 0.2, out  # NoProp-DT, T=2, two epochs: above chance (0.1)
+  x_test, y_test = scope["x_test"], scope["y_test"]
+  n = len(y_test)
+  # Each is a fraction of the test digits...
+  assert all(abs(a * n - round(a * n)) < 1e-6 * n for a in accuracies.values()), out
+  # ... and NoProp-DT's and NoProp-FM's are the trained models' own, as the library's
+  # evaluation counts them.
+  assert accuracies[""] == pytest.approx(
+      _mean_path_accuracy(dt, dt_model, dt_state, x_test, y_test), abs=1e-6), out
+  assert accuracies["NoProp-FM "] == pytest.approx(
+      _mean_path_accuracy(fm, scope["model"], scope["state"], x_test, y_test), abs=1e-6), out
+  assert accuracies[""] > 0.2, out  # NoProp-DT, T=2, two epochs: above chance (0.1)
+  # The test loss printed is Eq. 8's value, the sum of its three terms.
   loss = re.search(r"^loss on the test set: (\S+) \['ce', 'denoise', 'kl'\]$", out, re.M)
-  assert loss and float(loss.group(1)) > 0, out
+  assert loss and float(loss.group(1)) == float(scope["value"]), out
+  assert float(scope["value"]) == pytest.approx(sum(float(v) for v in scope["terms"].values()),
+                                                rel=1e-6)
   assert scope["sampled"].shape == scope["logits"].shape == (len(scope["y_test"]), 10)

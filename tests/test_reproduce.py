@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from noprop_jax import data, trainer
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import reproduce  # noqa: E402
+from conftest import build  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,7 +50,7 @@ def test_rows_cover_both_tables():
   assert (cfg.method, cfg.model["embedding"], cfg.model["embedding_dim"], cfg.train.seed,
           cfg.train.epochs) == ("fm", "learned", 20, 2, 500)
   cfg = reproduce.select_rows(["mnist/dt/prototype"])[0].config()
-  model = trainer.build_model(cfg, (28, 28, 1), 10, trainer.resolve_compute(cfg))
+  model = build(cfg)[1]  # MNIST's shapes
   assert model.embedding == "prototype" and model.dim == 784 and cfg.train.epochs == 100
   cfg = reproduce.select_rows(["cifar100/adjoint/onehot"])[0].config(inference_steps=10)
   assert "embedding" not in cfg.model and cfg.model["inference_steps"] == 10  # one-hot, fixed
@@ -147,8 +146,7 @@ def test_plots_on_random_arrays(tmp_path, shape):
     assert _is_png(tmp_path / name), name
 
 
-def test_subset_and_dataset_dir(tmp_path):
-  digits = data.load("digits")
+def test_subset_and_dataset_dir(tmp_path, digits):
   small = reproduce.subset(digits, 100, 50)
   assert len(small.train.labels) == 100 and len(small.test.labels) == 50
   np.testing.assert_array_equal(small.train.images, digits.train.images[:100])
@@ -159,12 +157,12 @@ def test_subset_and_dataset_dir(tmp_path):
   assert reproduce.dataset_dir(None, "mnist") is None
 
 
-def test_end_to_end_on_digits(tmp_path):
+def test_end_to_end_on_digits(tmp_path, digits):
   """One DT row on digits (T=2, one epoch, one seed: compiling costs ~40 s of CPU): the run,
   the skip of a finished run, results.md and the plots. The config is test_trainer's TINY
   at seed 0, so in a whole-suite run the persistent compilation cache serves both."""
   row = reproduce.Row("digits", "dt", "onehot", overrides=(("T", 2),))
-  datasets = reproduce.Datasets(preloaded=[data.load("digits")])
+  datasets = reproduce.Datasets(preloaded=[digits])
   log = []
   run = lambda: reproduce.run_rows([row], tmp_path, datasets, seeds=1, inference_runs=2,
                                    epochs=1, print_fn=log.append)

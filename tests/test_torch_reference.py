@@ -52,17 +52,26 @@ def test_timers_run_and_predict_shapes():
 
 def test_the_benchmark_times_both_side_by_side(capsys):
   import json
+  import time
 
   import benchmark
-  assert benchmark.main(["--dataset", "mnist", "--T", "2", "--batch-size", "8", "--repeats", "1",
+  T = 2
+  t0 = time.perf_counter()
+  assert benchmark.main(["--dataset", "mnist", "--T", str(T), "--batch-size", "8", "--repeats", "1",
                          "--rounds", "1", "--cases", "algorithm1", "--skip-inference", "--json",
                          "--torch-fm-batch", "2", "--torch-fm-steps", "3",
                          "--matmul-size", "256"]) == 0
+  elapsed = time.perf_counter() - t0
   out = capsys.readouterr().out
   rows = {r["case"]: r for r in map(json.loads, (l for l in out.splitlines() if l.startswith("{")))
           if r["table"] == "torch"}
   assert set(rows) == {"step", "block_step", "dt_predict", "fm_predict"}
-  for r in rows.values():
-    assert r["jax_s"] > 0 and r["torch_s"] > 0 and r["speedup"] == r["torch_s"] / r["jax_s"]
-  assert rows["step"]["flops_jax"] > rows["block_step"]["flops_jax"] > 0
+  for case, r in rows.items():
+    # One round of one call each (a block step: one per block), timed within the run.
+    assert r["timed_calls"] == (T if case == "block_step" else 1), r
+    assert 0 < r["jax_s"] < elapsed and 0 < r["torch_s"] < elapsed, (r, elapsed)
+    assert r["speedup"] == r["torch_s"] / r["jax_s"]
+  # One block's step: at least its share of all T blocks' step, less than all of it.
+  step, block_step = rows["step"]["flops_jax"], rows["block_step"]["flops_jax"]
+  assert step / T <= block_step < step, (block_step, step)
   assert "Against PyTorch" in out and "training: one step of all T blocks" in out

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import build
+from conftest import build, library_methods
 from noprop_jax import blocks, config, core, trainer
 from noprop_jax.blocks import BlockConfig, ViTBlock, ViTTimeBlock
-from noprop_jax.config import METHODS, RunConfig
+from noprop_jax import method as methods
+from noprop_jax.config import RunConfig
 
 B = 3
 SMALL = (16, 16, 1)  # default patch 8 (the conv stem): a 2 x 2 grid of image tokens
@@ -195,15 +196,15 @@ def test_dropout_only_in_training():
   np.testing.assert_array_equal(_apply(block, variables, x, z)[0], _apply(block, variables, x, z)[0])
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", library_methods())
 def test_every_method_takes_the_vit_block(method):
   """Each method builds it with its own signature (and output size) and traces a training
   step and inference on it: shapes only, nothing compiled."""
   kw = {"T": 2} if "T" in config.method_settings(method) else {}
   cfg = RunConfig.create(method, block="vit", **kw)
   compute, model = build(cfg)
-  assert isinstance(model.block, ViTTimeBlock if METHODS[method].TIME_CONDITIONED else ViTBlock)
-  mod = METHODS[method]
+  assert isinstance(model.block, ViTTimeBlock if methods.get(method).time_conditioned else ViTBlock)
+  mod = methods.get(method)
   state = jax.eval_shape(lambda: trainer.init_state(cfg, model, jax.random.key(0)))
   x, y = jax.ShapeDtypeStruct((4, 8, 8, 1), jnp.uint8), jax.ShapeDtypeStruct((4,), jnp.int32)
   _, m = jax.eval_shape(functools.partial(mod.train_step, model, cfg.train.optim, compute), state, x, y)
@@ -213,7 +214,7 @@ def test_every_method_takes_the_vit_block(method):
   assert counts[0].shape == () and counts[1].shape == (2,)
 
 
-def test_noprop_dt_learns_the_digits_with_vit_blocks(tmp_path):
+def test_noprop_dt_learns_the_digits_with_vit_blocks(tmp_path, digits):
   cfg = RunConfig.create("dt", block="vit", patch_size=2, T=2, epochs=3, inference_runs=1)
-  s = trainer.train(cfg, tmp_path, progress=False, print_fn=lambda _: None)
+  s = trainer.train(cfg, tmp_path, dataset=digits, progress=False, print_fn=lambda _: None)
   assert s["test_accuracy"] > 0.5, s["test_accuracy"]  # 0.67 on XLA:CPU; chance is 0.1
