@@ -3,7 +3,7 @@ network and trained end to end on cross-entropy.
 
   z_0 ~ N(0, I),  z_t = (1 - alpha_t) z_{t-1} + alpha_t u_hat_t(z_{t-1}, x),
   u_hat_t = softmax(block_t(x, z_{t-1})) @ W_embed,  alpha_t = tanh(w_t) (learned),
-  p(y | x) = softmax(W_out z_T + b_out).
+  p(y | x) = softmax(W_out zT + b_out).
 
 Unlike NoProp's, block t's gradient flows back through blocks t+1..T.
 State: {'step', 'rng', 'params': {'blocks' (stacked on T), 'w' [T], 'head', 'embed'
@@ -25,7 +25,7 @@ from noprop_jax.setting import setting
 NAME = "Backprop baseline"
 STACKED = ()
 TIME_CONDITIONED = False  # blocks are (x, z) -> logits
-W_INIT = 0.5  # alpha_t = tanh(0.5) = 0.46: every block starts with a real share of z_T
+W_INIT = 0.5  # alpha_t = tanh(0.5) = 0.46: every block starts with a real share of zT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +88,8 @@ def forward(model: Model, compute: Compute, params: dict, stats: dict, x: jax.Ar
     return core.chain_link(z, alpha, logits, W), updates
 
   xs = ({**stats, "params": params["blocks"]}, jnp.tanh(params["w"]), keys)
-  z_T, updates = core.fold_blocks(step, z0, xs, compute)
-  return core.head_logits(params["head"], z_T), updates
+  zT_BD, updates = core.fold_blocks(step, z0, xs, compute)
+  return core.head_logits(params["head"], zT_BD), updates
 
 
 def loss(model: Model, compute: Compute, params: dict, stats: dict, x: jax.Array,

@@ -312,8 +312,8 @@ class MLPBlock(nn.Module):
       h = self.drop(nn.relu(layer(h)), deterministic=not train)
     return h
 
-  def from_features(self, h_BH: jax.Array, z_BD: jax.Array, train: bool = False) -> jax.Array:
-    h = jnp.concatenate([h_BH, nn.relu(self.z_layer(z_BD))], axis=-1)
+  def from_features(self, h_BF: jax.Array, z_BD: jax.Array, train: bool = False) -> jax.Array:
+    h = jnp.concatenate([h_BF, nn.relu(self.z_layer(z_BD))], axis=-1)
     return self.out(nn.relu(self.mix(h)))
 
   def __call__(self, x: jax.Array, z_BD: jax.Array, train: bool = False) -> jax.Array:
@@ -333,11 +333,11 @@ class MLPTimeBlock(MLPBlock):
     super().setup()
     self.t_layer = nn.Dense(self.hidden)
 
-  def from_features(self, h_BH: jax.Array, z_BD: jax.Array, t: jax.Array,
+  def from_features(self, h_BF: jax.Array, z_BD: jax.Array, t: jax.Array,
                     train: bool = False) -> jax.Array:
     h_t = nn.relu(self.t_layer(sinusoidal_embedding(t, self.t_dim).astype(z_BD.dtype)))
     h_t = jnp.broadcast_to(h_t, (z_BD.shape[0], self.hidden))  # a scalar t serves the batch
-    h = jnp.concatenate([h_BH, nn.relu(self.z_layer(z_BD)), h_t], axis=-1)
+    h = jnp.concatenate([h_BF, nn.relu(self.z_layer(z_BD)), h_t], axis=-1)
     return self.out(nn.relu(self.mix(h)))
 
   def __call__(self, x: jax.Array, z_BD: jax.Array, t_B: jax.Array,
@@ -398,19 +398,19 @@ class AddPosition(nn.Module):
   """A learned position embedding added to tokens [B, L, W], sized by the first call."""
 
   @nn.compact
-  def __call__(self, h_BLW: jax.Array) -> jax.Array:
-    pos_LW = self.param("embedding", nn.initializers.normal(0.02), h_BLW.shape[1:])
-    return h_BLW + pos_LW[None]
+  def __call__(self, h_BLF: jax.Array) -> jax.Array:
+    pos_LF = self.param("embedding", nn.initializers.normal(0.02), h_BLF.shape[1:])
+    return h_BLF + pos_LF[None]
 
 
-def _modulate(h_BLW: jax.Array, shift_BW: jax.Array, scale_BW: jax.Array) -> jax.Array:
-  return h_BLW * (1 + scale_BW[:, None, :]) + shift_BW[:, None, :]
+def _modulate(h_BLF: jax.Array, shift_BF: jax.Array, scale_BF: jax.Array) -> jax.Array:
+  return h_BLF * (1 + scale_BF[:, None, :]) + shift_BF[:, None, :]
 
 
 class TransformerLayer(nn.Module):
   """Pre-LayerNorm self-attention and GELU MLP, each a residual branch with dropout.
 
-  With a conditioning vector c (`__call__`'s c_BW), DiT's adaLN-Zero: the LayerNorms
+  With a conditioning vector c (`__call__`'s c_BF), DiT's adaLN-Zero: the LayerNorms
   have no scale or bias of their own; shift, scale and a gate of each branch come from a
   zero-initialised Dense on SiLU(c), so every branch starts gated off."""
 
@@ -420,27 +420,27 @@ class TransformerLayer(nn.Module):
   dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, h_BLW: jax.Array, c_BW: jax.Array | None = None,
+  def __call__(self, h_BLF: jax.Array, c_BF: jax.Array | None = None,
                train: bool = False) -> jax.Array:
-    adaptive = c_BW is not None
+    adaptive = c_BF is not None
     if adaptive:
-      mod = nn.Dense(6 * self.width, kernel_init=nn.initializers.zeros, name="adaln")(nn.silu(c_BW))
+      mod = nn.Dense(6 * self.width, kernel_init=nn.initializers.zeros, name="adaln")(nn.silu(c_BF))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
     drop = Dropout(self.dropout, deterministic=not train)
     norm = lambda name: nn.LayerNorm(use_bias=not adaptive, use_scale=not adaptive, name=name)
 
-    a = norm("norm_attn")(h_BLW)
+    a = norm("norm_attn")(h_BLF)
     a = _modulate(a, shift1, scale1) if adaptive else a
     a = nn.MultiHeadDotProductAttention(self.heads, qkv_features=self.width,
                                         out_features=self.width, name="attn")(a, a)
     a = drop(a)
-    h_BLW = h_BLW + (gate1[:, None, :] * a if adaptive else a)
+    h_BLF = h_BLF + (gate1[:, None, :] * a if adaptive else a)
 
-    m = norm("norm_mlp")(h_BLW)
+    m = norm("norm_mlp")(h_BLF)
     m = _modulate(m, shift2, scale2) if adaptive else m
     m = nn.gelu(nn.Dense(self.width * self.mlp_ratio, name="mlp_in")(m))
     m = drop(nn.Dense(self.width, name="mlp_out")(m))
-    return h_BLW + (gate2[:, None, :] * m if adaptive else m)
+    return h_BLF + (gate2[:, None, :] * m if adaptive else m)
 
 
 class ViTBlock(nn.Module):
@@ -486,17 +486,17 @@ class ViTBlock(nn.Module):
     """[B, 1 + patches, width]: the label token, then the image's."""
     if self.stem == "conv":
       check_patch(x_BHWC.shape[1:3], self.patch, self.stem)
-      img_BLW = self.patch_pos(self.patch_embed(x_BHWC))
+      img_BLF = self.patch_pos(self.patch_embed(x_BHWC))
     else:
-      img_BLW = self.patch_pos(self.patch_embed(patchify(x_BHWC, self.patch)))
+      img_BLF = self.patch_pos(self.patch_embed(patchify(x_BHWC, self.patch)))
     lab_B1W = self.label_pos(self.label_embed(z_BD)[:, None, :])
-    return jnp.concatenate([lab_B1W, img_BLW], axis=1)
+    return jnp.concatenate([lab_B1W, img_BLF], axis=1)
 
   def __call__(self, x_BHWC: jax.Array, z_BD: jax.Array, train: bool = False) -> jax.Array:
-    h_BLW = self._tokens(x_BHWC, z_BD)
+    h_BLF = self._tokens(x_BHWC, z_BD)
     for layer in self.stack:
-      h_BLW = layer(h_BLW, None, train)
-    return self.head(self.norm(h_BLW[:, 0]))
+      h_BLF = layer(h_BLF, None, train)
+    return self.head(self.norm(h_BLF[:, 0]))
 
 
 class ViTTimeBlock(ViTBlock):
@@ -520,15 +520,15 @@ class ViTTimeBlock(ViTBlock):
 
   def __call__(self, x_BHWC: jax.Array, z_BD: jax.Array, t_B: jax.Array,
                train: bool = False) -> jax.Array:
-    h_BLW = self._tokens(x_BHWC, z_BD)
-    e = sinusoidal_embedding(jnp.asarray(t_B), self.t_dim).astype(h_BLW.dtype)
+    h_BLF = self._tokens(x_BHWC, z_BD)
+    e = sinusoidal_embedding(jnp.asarray(t_B), self.t_dim).astype(h_BLF.dtype)
     c = self.t_mix(nn.silu(self.t_embed(e)))
-    c_BW = jnp.broadcast_to(c, (h_BLW.shape[0], self.width))  # a scalar t serves the batch
+    c_BF = jnp.broadcast_to(c, (h_BLF.shape[0], self.width))  # a scalar t serves the batch
     for layer in self.stack:
-      h_BLW = layer(h_BLW, c_BW, train)
-    shift_BW, scale_BW = jnp.split(self.final_mod(nn.silu(c_BW)), 2, axis=-1)
-    h_BW = self.norm(h_BLW[:, 0]) * (1 + scale_BW) + shift_BW
-    return self.head(h_BW)
+      h_BLF = layer(h_BLF, c_BF, train)
+    shift_BF, scale_BF = jnp.split(self.final_mod(nn.silu(c_BF)), 2, axis=-1)
+    h_BF = self.norm(h_BLF[:, 0]) * (1 + scale_BF) + shift_BF
+    return self.head(h_BF)
 
 
 # ----------------------------------------------------------------------------- by name

@@ -15,7 +15,10 @@ probability; block 0 owns the noisiest, and each interval is widened on both sid
 of a learned label table, L2-normalised) for sigma drawn from its own interval, and is
 preconditioned as in EDM (Karras et al. 2022): it reads c_in z and the noise level,
 outputs F, and D = c_skip z + c_out F is its estimate of e_y, classified by a linear
-head and trained on the cross-entropy weighted by w(sigma) = 1 / c_out^2.
+head and trained on the cross-entropy weighted by w(sigma) = 1 / c_out^2 (`block_term`).
+The objective (`loss`) is the expectation over a block drawn at random, each block's term
+weighted by `block_weight` = 1 / T; the training step differentiates the same
+`block_term`, block by block, and weights its gradient by the same `block_weight`.
 
 Which parameters are whose: each block's network is its own (with its own AdamW:
 clipping norm, moments, count); the label table and the head are shared, as in the
@@ -177,41 +180,60 @@ def embedding(shared: dict) -> jax.Array:
 def denoise(model: Model, variables: dict, shared: dict, x: jax.Array, z: jax.Array,
             sigma: jax.Array, train: bool = False, rng: jax.Array | None = None,
             precision: str = "float32") -> tuple[jax.Array, jax.Array, dict]:
-  """(D, class logits of D, updated collections) of one block at noise level sigma ([B, 1]):
-  D = c_skip z + c_out block(x, c_in z, t(sigma))."""
+  """(D [B, d], class logits of D [B, m], updated collections) of one block at noise level
+  sigma ([B, 1]), z [B, d]: D = c_skip z + c_out block(x, c_in z, t(sigma))."""
   c_in, c_skip, c_out = precondition(sigma, model.sigma_data)
-  t = noise_time(model, sigma)[:, 0]
-  F, updates = core.apply(model.block, variables, x, c_in * z, t, train=train, rng=rng,
-                          precision=precision)
-  D = c_skip * z + c_out * F
-  return D, core.head_logits(shared["head"], D), updates
+  t_B = noise_time(model, sigma)[:, 0]
+  F_BD, updates = core.apply(model.block, variables, x, c_in * z, t_B, train=train, rng=rng,
+                             precision=precision)
+  D_BD = c_skip * z + c_out * F_BD
+  return D_BD, core.head_logits(shared["head"], D_BD), updates
 
 
 def block_term(model: Model, variables: dict, shared: dict, x: jax.Array, y: jax.Array, b,
                key: jax.Array, precision: str = "float32"):
   """Block b's objective on one batch, E_sigma [w(sigma) CE(head(D(z_sigma)), y)] with
-  sigma from its interval and z_sigma = e_y + sigma eps. Returns (value, (updated
-  collections, its plain cross-entropy, its accuracy))."""
-  k_sigma, k_eps, k_drop = jax.random.split(key, 3)
-  sigma = sample_sigma(model, b, k_sigma, (y.shape[0], 1))
-  e = core.label_rows(embedding(shared), y)
-  z = e + sigma * jax.random.normal(k_eps, e.shape)
-  _, logits, updates = denoise(model, variables, shared, x, z, sigma, True, k_drop, precision)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-  value = jnp.mean(loss_weight(sigma[:, 0], model.sigma_data) * ce)
-  return value, (updates, jnp.mean(ce), jnp.mean(jnp.argmax(logits, -1) == y))
+  sigma from its interval and z_sigma = e_y + sigma eps, drawn from fold_in(key, b)
+  (`key`: the batch's, shared by all T blocks). `loss` weights it by `block_weight` and
+  sums over the blocks; the training step differentiates it block by block. Returns
+  (value, (updated collections, its plain cross-entropy, its accuracy))."""
+  k_sigma, k_eps, k_drop = jax.random.split(jax.random.fold_in(key, b), 3)
+  sigma = sample_sigma(model, b, k_sigma, (y.shape[0], 1))  # [B, 1]
+  e_BD = core.label_rows(embedding(shared), y)
+  z_BD = e_BD + sigma * jax.random.normal(k_eps, e_BD.shape)
+  _, logits_BM, updates = denoise(model, variables, shared, x, z_BD, sigma, True, k_drop,
+                                  precision)
+  ce_B = optax.softmax_cross_entropy_with_integer_labels(logits_BM, y)
+  value = jnp.mean(loss_weight(sigma[:, 0], model.sigma_data) * ce_B)
+  return value, (updates, jnp.mean(ce_B), jnp.mean(jnp.argmax(logits_BM, -1) == y))
+
+
+def block_weight(model: Model) -> float:
+  """Each block's weight in the objective, 1 / T: the probability of drawing it (each
+  block owns 1/T of the noise levels' probability mass)."""
+  return 1.0 / model.T
 
 
 def loss(model: Model, blocks: dict, shared: dict, x: jax.Array, y: jax.Array,
          key: jax.Array, precision: str = "float32") -> tuple[jax.Array, Metrics]:
-  """DiffusionBlocks' objective on one batch: the mean over the T blocks of their own terms
-  (each block on its own noise draw), the expectation of picking one block at random.
-  `gradients` is this function's gradient, block by block, with key = `core.step_key`."""
+  """DiffusionBlocks' objective on one batch, a block drawn at random and its noise level
+  from its own interval:
+
+    L = sum_b (1 / T) E_{sigma ~ block b's interval, eps} [w(sigma) CE(head(D_b(z_sigma)), y)],
+    z_sigma = e_y + sigma eps.
+
+  The training step applies this function's gradient (key = `core.step_key(state)`):
+  `gradients` differentiates the same `block_term`, block by block, and weights it by the
+  same `block_weight` (tests check that they agree)."""
   core.check_batch(model, x, y)
   x = core.to_float(x)
-  term = lambda v, b: block_term(model, v, shared, x, y, b, jax.random.fold_in(key, b), precision)
-  value, (_, ce, _) = jax.vmap(term)(blocks, jnp.arange(model.T))
-  return jnp.mean(value), {"block_loss": value, "block_ce": ce}
+
+  # 1. EACH BLOCK'S TERM: E_sigma [w(sigma) CE(head(D_b(z_sigma)), y)] on its own noise draw.
+  term = lambda v, b: block_term(model, v, shared, x, y, b, key, precision)
+  value_T, (_, ce_T, _) = jax.vmap(term)(blocks, jnp.arange(model.T))
+
+  # 2. THE EXPECTATION OVER BLOCKS: each term times its probability 1 / T (`block_weight`).
+  return jnp.sum(block_weight(model) * value_T), {"block_loss": value_T, "block_ce": ce_T}
 
 
 # ----------------------------------------------------------------------------- training
@@ -241,20 +263,23 @@ def num_block_params(state: State) -> int:
 
 
 def gradients(model: Model, compute: Compute, state: State, x: jax.Array, y: jax.Array):
-  """`loss`'s gradient on one batch with the step's key, block b's from its own term only
-  (`compute`: resolved settings). Returns (the blocks' gradients, stacked; the shared
-  parameters' gradient, the mean of the blocks'; aux: 'block_loss', 'block_ce',
+  """`loss`'s gradient on one batch with the step's key (`core.step_key(state)`): each
+  block's `block_term` differentiated in its own parameters and the shared ones, from its
+  own term only (`compute`: resolved settings), times `block_weight`, as in `loss`.
+  Returns (the blocks' gradients, stacked; the shared parameters' gradient, the sum of
+  the blocks' weighted ones; aux: 'block_loss' (each block's unweighted term), 'block_ce',
   'block_accuracy' [T], 'updates' (the blocks' new collections, stacked))."""
   core.check_batch(model, x, y)
   x, key, shared = core.to_float(x), core.step_key(state), state["shared"]
+  weight = block_weight(model)
 
   def one(inp):
     variables, b = inp
-    term = lambda p, s: block_term(model, {**variables, "params": p}, s, x, y, b,
-                                   jax.random.fold_in(key, b), compute.precision)
+    term = lambda p, s: block_term(model, {**variables, "params": p}, s, x, y, b, key,
+                                   compute.precision)
     (val, aux), (g_p, g_s) = jax.value_and_grad(term, argnums=(0, 1), has_aux=True)(
         variables["params"], shared)
-    return val, aux, jax.tree.map(lambda g: g / model.T, (g_p, g_s))
+    return val, aux, jax.tree.map(lambda g: weight * g, (g_p, g_s))
 
   val, (updates, ce, acc), (g_blocks, g_shared) = core.map_blocks(
       one, (state["blocks"], jnp.arange(model.T)), compute)
@@ -268,7 +293,7 @@ def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: ja
   """One step of all T blocks (each by its own AdamW) and the shared table and head on
   `gradients`, dropped whole where `core.update_ok` fails (metrics['skipped'])."""
   g_blocks, g_shared, aux = gradients(model, compute, state, x, y)
-  value = jnp.mean(aux["block_loss"])
+  value = jnp.sum(block_weight(model) * aux["block_loss"])  # `loss`'s value
   ok = core.update_ok(value, (g_blocks, g_shared, aux["updates"]), y, model.num_classes)
   update = lambda state: core.stacked_update(core.adamw(optim), state, g_blocks, g_shared,
                                              aux["updates"])
@@ -285,22 +310,23 @@ def make_train_step(model: Model, optim: Optim = Optim(), compute: Compute = Com
 # ----------------------------------------------------------------------------- inference
 
 def sample(model: Model, compute: Compute, state: State, x: jax.Array, z0: jax.Array) -> jax.Array:
-  """Class logits [B, m] from z0 at sigma_max: at each level sigma_b of `inference_levels`,
-  block b's D, the class-weighted embedding softmax(logits) @ E as the estimate of e_y,
-  and an Euler step of dz/dsigma = (z - D) / sigma to the next level,
+  """Class logits [B, m] from z0 [B, d] at sigma_max: at each level sigma_b of
+  `inference_levels`, block b's D, the class-weighted embedding softmax(logits) @ E as the
+  estimate of e_y, and an Euler step of dz/dsigma = (z - D) / sigma to the next level,
   z <- z + (sigma_next - sigma)(z - D) / sigma (towards D as sigma falls). The last
   block's logits are the prediction: one call of each block in all."""
-  levels = jnp.asarray(inference_levels(model), jnp.float32)
-  nxt = jnp.concatenate([levels[1:], levels[-1:]])
-  E = embedding(state["shared"])
+  levels_T = jnp.asarray(inference_levels(model), jnp.float32)
+  next_T = jnp.concatenate([levels_T[1:], levels_T[-1:]])
+  E_MD = embedding(state["shared"])
 
-  def step(z, inp):
+  def step(z_BD, inp):
     v, sigma, sigma_next = inp
-    _, logits, _ = denoise(model, v, state["shared"], x, z, jnp.full((z.shape[0], 1), sigma))
-    D = jax.nn.softmax(logits) @ E
-    return z + (sigma_next - sigma) * (z - D) / sigma, logits
+    _, logits_BM, _ = denoise(model, v, state["shared"], x, z_BD,
+                              jnp.full((z_BD.shape[0], 1), sigma))
+    D_BD = jax.nn.softmax(logits_BM) @ E_MD
+    return z_BD + (sigma_next - sigma) * (z_BD - D_BD) / sigma, logits_BM
 
-  return core.fold_blocks(step, z0, (state["blocks"], levels, nxt), compute)[1][-1]
+  return core.fold_blocks(step, z0, (state["blocks"], levels_T, next_T), compute)[1][-1]
 
 
 def start_noise_std(model: Model) -> float:
@@ -318,8 +344,8 @@ def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = No
 
 @partial(jax.jit, static_argnames=("model", "compute", "mode"))
 def _predict(model, compute, state, x, key, mode):
-  z0 = start_noise_std(model) * core.inference_noise(mode, (x.shape[0], model.dim), key)
-  return sample(model, compute, state, core.to_float(x), z0)
+  z0_BD = start_noise_std(model) * core.inference_noise(mode, (x.shape[0], model.dim), key)
+  return sample(model, compute, state, core.to_float(x), z0_BD)
 
 
 def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: jax.Array,

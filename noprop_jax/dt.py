@@ -7,8 +7,10 @@
   logits = dt.predict(model, state, x_test)
 
 Block t (t = 1..T; index t - 1 in stacked arrays) sees only its noisy label
-z_{t-1} and its own term of Eq. 8; nothing couples blocks but the shared head
-and embedding. State (a plain pytree):
+z_{t-1} and its own term of Eq. 8 (`denoise_term`: its `denoise_error` times
+`denoise_weight`); nothing couples blocks but the shared head and embedding. `loss` is
+Eq. 8 as the sum of those terms and the head's (`head_terms`); the training steps
+differentiate the same functions, block by block. State (a plain pytree):
   step, rng    int32 step count; the run's key (raw uint32 data)
   blocks       the blocks' variables ({'params', 'batch_stats', ...}), stacked on T
   shared       {'head': {'kernel' [d, m], 'bias' [m]}, 'embed' [m, d] unless one-hot}
@@ -46,7 +48,7 @@ class Model:
   eta: float = setting(0.1, "weight of the denoising terms (paper Table 4)")
   embedding: str = setting("onehot", "class embedding: onehot | learned | prototype")
   embedding_dim: int = setting(0, "d; 0: m (onehot), the input size (prototype), 20 (learned)")
-  classifier: str = setting("softmax", "p(y | z_T): softmax (Eq. 14) | radial (Eq. 15-16)")
+  classifier: str = setting("softmax", "p(y | zT): softmax (Eq. 14) | radial (Eq. 15-16)")
   radial_sigma: float = setting(1.0, "the radial classifier's sigma")
   # The cosine schedule is clipped to [min, max], so every SNR stays finite.
   alpha_bar_min: float = setting(
@@ -98,65 +100,94 @@ def num_block_params(state: State) -> int:
 # ----------------------------------------------------------------------------- the objective
 
 def class_logits(model: Model, shared: dict, z_BD: jax.Array) -> jax.Array:
-  """log p(y | z_T) up to a constant, for every class: [B, m].
+  """log p(y | zT) up to a constant, for every class: [B, m].
 
-  'softmax' (Eq. 14): the linear head f(z_T) = W_out z_T + b_out. 'radial' (Eq. 15-16):
-  y_tilde = softmax(f(z_T)) @ W_embed and p(y | z_T) ~ exp(-||y_tilde - u_y||^2 / (2 sigma^2)).
+  'softmax' (Eq. 14): the linear head f(zT) = W_out zT + b_out. 'radial' (Eq. 15-16):
+  y_tilde = softmax(f(zT)) @ W_embed and p(y | zT) ~ exp(-||y_tilde - u_y||^2 / (2 sigma^2)).
   """
-  f = core.head_logits(shared["head"], z_BD)
+  f_BM = core.head_logits(shared["head"], z_BD)
   if model.classifier == "softmax":
-    return f
-  W = core.embedding_matrix(shared, model.num_classes)
-  return -core.sq_dist(jax.nn.softmax(f) @ W, W) / (2.0 * model.radial_sigma**2)
+    return f_BM
+  W_MD = core.embedding_matrix(shared, model.num_classes)
+  return -core.sq_dist(jax.nn.softmax(f_BM) @ W_MD, W_MD) / (2.0 * model.radial_sigma**2)
 
 
 def head_terms(model: Model, shared: dict, y: jax.Array, key: jax.Array):
-  """Eq. 8's first two terms: -log p(y | z_T) with z_T ~ q(z_T | y), and
-  KL(q(z_0 | y) || N(0, I)) in closed form. Returns (ce + kl, (ce, kl))."""
+  """Eq. 8's first two terms: -log p(y | zT) with zT ~ q(zT | y), and
+  KL(q(z0 | y) || N(0, I)) in closed form. Returns (ce + kl, (ce, kl))."""
   ab = model.schedule.alpha_bar
-  u = core.label_rows(core.embedding_matrix(shared, model.num_classes), y)
-  z_T = core.noisy(u, ab[-1], 1.0 - ab[-1], key)
-  ce = core.cross_entropy(class_logits(model, shared, z_T), y)
-  kl = core.gaussian_kl(u, ab[0], jnp.log1p(-ab[0]))
+  u_BD = core.label_rows(core.embedding_matrix(shared, model.num_classes), y)
+  zT_BD = core.noisy(u_BD, ab[-1], 1.0 - ab[-1], key)
+  ce = core.cross_entropy(class_logits(model, shared, zT_BD), y)
+  kl = core.gaussian_kl(u_BD, ab[0], jnp.log1p(-ab[0]))
   return ce + kl, (ce, kl)
 
 
 def denoise_error(model: Model, variables: dict, W: jax.Array, x: jax.Array, y: jax.Array,
                   t, key: jax.Array, precision: str = "float32"):
   """Block t's squared error ||u_hat_t(z_{t-1}, x) - u_y||^2 (batch mean), with
-  z_{t-1} ~ q(z_{t-1} | y) and u_hat_t = softmax(block_t(x, z_{t-1})) @ W_embed.
-  Returns (error, (updated BatchNorm statistics, the block's accuracy on its input))."""
+  z_{t-1} ~ q(z_{t-1} | y) and u_hat_t = softmax(block_t(x, z_{t-1})) @ W_embed
+  (W: the embedding, [m, d]). Returns (error, (updated BatchNorm statistics, the block's
+  accuracy on its input))."""
   ab = model.schedule.alpha_bar[t - 1]
   k_noise, k_drop = jax.random.split(key)
-  u = core.label_rows(W, y)
-  z = core.noisy(u, ab, 1.0 - ab, k_noise)
-  logits, updates = core.apply(model.block, variables, x, z, train=True, rng=k_drop,
-                               precision=precision)
-  err = jnp.mean(jnp.sum((jax.nn.softmax(logits) @ W - u) ** 2, axis=-1))
-  return err, (updates, jnp.mean(jnp.argmax(logits, -1) == y))
+  u_BD = core.label_rows(W, y)
+  z_BD = core.noisy(u_BD, ab, 1.0 - ab, k_noise)
+  logits_BM, updates = core.apply(model.block, variables, x, z_BD, train=True, rng=k_drop,
+                                  precision=precision)
+  err = jnp.mean(jnp.sum((jax.nn.softmax(logits_BM) @ W - u_BD) ** 2, axis=-1))
+  return err, (updates, jnp.mean(jnp.argmax(logits_BM, -1) == y))
+
+
+def denoise_weight(model: Model, t, n_blocks: int):
+  """Block t's weight in Eq. 8, (T / 2) eta (SNR(t) - SNR(t-1)) / n_blocks: the factor of
+  its error when E_{t ~ U{1..T}} is estimated over `n_blocks` blocks (all T in `loss` and
+  `train_step`: the expectation exactly; one in Algorithm 1's `sequential_step`).
+  `t` (1..T) may be traced, or an array of blocks."""
+  snr = model.schedule.snr
+  return 0.5 * model.T * model.eta * (snr[t] - snr[t - 1]) / n_blocks
+
+
+def denoise_term(model: Model, variables: dict, shared: dict, x: jax.Array, y: jax.Array, t,
+                 key: jax.Array, n_blocks: int, precision: str = "float32"):
+  """Block t's term of Eq. 8: `denoise_weight` times its `denoise_error`, drawn from
+  fold_in(key, t) (`key`: the batch's blocks' key, shared by all T). `loss` sums it over
+  the blocks; the training steps differentiate it block by block, in the block's
+  parameters and in `shared` (the embedding). Returns (the weighted error, (the error,
+  updated BatchNorm statistics, the block's accuracy))."""
+  W_MD = core.embedding_matrix(shared, model.num_classes)
+  err, (updates, acc) = denoise_error(model, variables, W_MD, x, y, t,
+                                      jax.random.fold_in(key, t), precision)
+  return denoise_weight(model, t, n_blocks) * err, (err, updates, acc)
 
 
 def loss(model: Model, blocks: dict, shared: dict, x: jax.Array, y: jax.Array,
          key: jax.Array, precision: str = "float32") -> tuple[jax.Array, Metrics]:
-  """NoProp-DT's objective (Eq. 8) on one batch:
+  """NoProp-DT's objective (Eq. 8) on one batch, its three terms computed in turn below:
 
-    L = E_q[-log p(y | z_T)] + KL(q(z_0 | y) || p(z_0))
-        + (T / 2) eta E_{t ~ U{1..T}} [(SNR(t) - SNR(t-1)) ||u_hat_t(z_{t-1}, x) - u_y||^2],
+    L = E_q[-log p(y | zT)]                                                (1. classifier)
+        + KL(q(z0 | y) || p(z0))                                          (2. prior)
+        + (T / 2) eta E_{t ~ U{1..T}} [(SNR(t) - SNR(t-1))
+                                       ||u_hat_t(z_{t-1}, x) - u_y||^2],  (3. denoising)
 
-  the expectation over t computed exactly, as the mean over the T blocks. `gradients`
-  (what `train_step` applies) is this function's gradient taken block by block, with
-  key = `core.step_key(state)` (tests check that they agree).
+  the expectation over t computed exactly, as the mean over the T blocks. The training
+  step applies this function's gradient (key = `core.step_key(state)`): `gradients`
+  differentiates the same `head_terms` and, block by block, the same `denoise_term`
+  (tests check that they agree).
   """
   core.check_batch(model, x, y)
+  x = core.to_float(x)
   k_blocks, k_head = jax.random.split(key)
+
+  # 1. CLASSIFIER: -log p(y | zT), one sample zT ~ q(zT | y).
+  # 2. PRIOR: KL(q(z0 | y) || N(0, I)), in closed form.
   _, (ce, kl) = head_terms(model, shared, y, k_head)
-  W = core.embedding_matrix(shared, model.num_classes)
-  t = jnp.arange(1, model.T + 1)
-  error = lambda v, t: denoise_error(model, v, W, core.to_float(x), y, t,
-                                     jax.random.fold_in(k_blocks, t), precision)[0]
-  err_T = jax.vmap(error)(blocks, t)
-  snr = model.schedule.snr
-  denoise = 0.5 * model.T * model.eta * jnp.mean((snr[1:] - snr[:-1]) * err_T)
+
+  # 3. DENOISING: block t's error ||u_hat_t(z_{t-1}, x) - u_y||^2, z_{t-1} ~ q(z_{t-1} | y),
+  # times (T / 2) eta (SNR(t) - SNR(t-1)) / T (`denoise_weight`), summed over t = 1..T.
+  term = lambda v, t: denoise_term(model, v, shared, x, y, t, k_blocks, model.T, precision)[0]
+  denoise = jnp.sum(jax.vmap(term)(blocks, jnp.arange(1, model.T + 1)))
+
   return ce + kl + denoise, {"ce": ce, "kl": kl, "denoise": denoise}
 
 
@@ -176,23 +207,15 @@ def _apply_shared(optim, state, g_shared):
 
 
 def _block_grad(model, shared, x, y, key, precision, n_blocks):
-  """(block t's variables, t) -> its weighted term, error, updates, accuracy and gradients.
-
-  The weight is d L / d error_t with E_t estimated over `n_blocks` blocks:
-  (T / 2) eta (SNR(t) - SNR(t-1)) / n_blocks (all T: Eq. 8 exactly; Algorithm 1: one)."""
-  snr = model.schedule.snr
+  """(block t's variables, t) -> its `denoise_term` (E_t estimated over `n_blocks` blocks),
+  error, updates, accuracy, and the term's gradients in the block's parameters and in
+  `shared`."""
 
   def one(inp):
     variables, t = inp
-    weight = 0.5 * model.T * model.eta * (snr[t] - snr[t - 1]) / n_blocks
-
-    def term(params, shared):
-      W = core.embedding_matrix(shared, model.num_classes)
-      err, aux = denoise_error(model, {**variables, "params": params}, W, x, y, t,
-                               jax.random.fold_in(key, t), precision)
-      return weight * err, (err, aux)
-
-    (val, (err, (updates, acc))), (g_p, g_s) = jax.value_and_grad(
+    term = lambda params, shared: denoise_term(model, {**variables, "params": params}, shared,
+                                               x, y, t, key, n_blocks, precision)
+    (val, (err, updates, acc)), (g_p, g_s) = jax.value_and_grad(
         term, argnums=(0, 1), has_aux=True)(variables["params"], shared)
     return val, err, updates, acc, g_p, g_s
 
@@ -201,8 +224,10 @@ def _block_grad(model, shared, x, y, key, precision, n_blocks):
 
 def gradients(model: Model, compute: Compute, state: State, x: jax.Array,
               y: jax.Array) -> tuple[dict, dict, dict]:
-  """`loss`'s gradient on one batch with the step's key (`core.step_key(state)`), block t's
-  computed from its own term only (`compute`: resolved settings), as `train_step` applies it.
+  """`loss`'s gradient on one batch with the step's key (`core.step_key(state)`), as
+  `train_step` applies it (`compute`: resolved settings): `head_terms`' gradient, and
+  every block's `denoise_term`'s with E_t over all T blocks, as in `loss`, block t's taken
+  from its own term only.
 
   Returns (the blocks' parameter gradients, stacked on T; the gradient in `shared`: the
   head terms' plus every block's to the embedding; aux: 'block_loss' (each block's weighted
@@ -241,8 +266,8 @@ def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: ja
 def sequential_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
                     y: jax.Array, block: jax.Array) -> tuple[State, Metrics]:
   """Algorithm 1's step: update block `block` (0-based, may be traced) and the head/embedding,
-  on Eq. 8 with E_t estimated by that one block; dropped whole, as `train_step`'s, where
-  `core.update_ok` fails."""
+  on Eq. 8 with E_t estimated by that one block (its `denoise_term` with n_blocks = 1);
+  dropped whole, as `train_step`'s, where `core.update_ok` fails."""
   core.check_batch(model, x, y)
   if not isinstance(block, jax.core.Tracer) and not 0 <= int(block) < model.T:
     raise ValueError(f"block must be in [0, {model.T}) (0-based), got {int(block)}")
@@ -293,11 +318,11 @@ def denoise_chain(model: Model, state: State, x: jax.Array, feats_TB, z0_BD: jax
   s, W = model.schedule, core.embedding_matrix(state["shared"], model.num_classes)
   x = core.to_float(x)
 
-  def step(z, inp):
-    v, h, a, b, c, eps = inp
-    logits = (core.apply(model.block, v, x, z)[0] if h is None
-              else core.from_features(model.block, v, h, z))
-    return a * (jax.nn.softmax(logits) @ W) + b * z + jnp.sqrt(c) * eps, None
+  def step(z_BD, inp):
+    v, h_B, a, b, c, eps_BD = inp
+    logits_BM = (core.apply(model.block, v, x, z_BD)[0] if h_B is None
+                 else core.from_features(model.block, v, h_B, z_BD))
+    return a * (jax.nn.softmax(logits_BM) @ W) + b * z_BD + jnp.sqrt(c) * eps_BD, None
 
   return lax.scan(step, z0_BD, (state["blocks"], feats_TB, s.a, s.b, s.c, eps_TBD))[0]
 
@@ -306,9 +331,9 @@ def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = No
             mode: str = "mean", compute: Compute | None = None) -> jax.Array:
   """Class logits [B, m] for inputs x.
 
-  mode 'mean': the deterministic mean path, z_0 = E[z_0] = 0 and eps_t = 0 (reproducible
+  mode 'mean': the deterministic mean path, z0 = E[z0] = 0 and eps_t = 0 (reproducible
   and, early in training, more accurate than sampling); 'stochastic': the paper's
-  sampling, z_0 ~ N(0, I) and eps_t ~ N(0, I), needs `key`.
+  sampling, z0 ~ N(0, I) and eps_t ~ N(0, I), needs `key`.
   """
   core.check_predict(model, x, mode, key)
   return _predict(model, core.chain_compute(model.T, compute), state, x, key, mode)
@@ -318,10 +343,10 @@ def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = No
 def _predict(model, compute, state, x, key, mode):
   k0, k1 = jax.random.split(key) if key is not None else (None, None)
   shape = (x.shape[0], model.dim)
-  z0 = core.inference_noise(mode, shape, k0)
-  eps = core.inference_noise(mode, (model.T, *shape), k1)
-  z_T = denoise_chain(model, state, x, features(model, compute, state, x), z0, eps)
-  return class_logits(model, state["shared"], z_T)
+  z0_BD = core.inference_noise(mode, shape, k0)
+  eps_TBD = core.inference_noise(mode, (model.T, *shape), k1)
+  zT_BD = denoise_chain(model, state, x, features(model, compute, state, x), z0_BD, eps_TBD)
+  return class_logits(model, state["shared"], zT_BD)
 
 
 def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: jax.Array,
@@ -330,10 +355,10 @@ def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: j
   `features` run once, for all paths. Labels -1 (padding) never count."""
   core.check_batch(model, x, y, padding=True)
   compute = core.chain_compute(model.T, compute)
-  feats = features(model, compute, state, x)
+  feats_TB = features(model, compute, state, x)
   shape = (model.T, y.shape[0], model.dim)
-  correct = lambda z0, eps: core.count_correct(
-      class_logits(model, state["shared"], denoise_chain(model, state, x, feats, z0, eps)), y, 1)[0]
+  correct = lambda z0_BD, eps_TBD: core.count_correct(class_logits(
+      model, state["shared"], denoise_chain(model, state, x, feats_TB, z0_BD, eps_TBD)), y, 1)[0]
 
   def sample(k):
     k0, k1 = jax.random.split(k)

@@ -15,6 +15,9 @@ Block t gets the *detached* z_{t-1} (Decoupled Greedy Learning, local losses):
 the chain of the backprop baseline with z in class space (one-hot embedding): a learned
 embedding shared by all blocks would couple them. Block t, its w_t and its linear head_t
 are trained on loss_t alone by their own AdamW (own clipping norm, moments, count).
+The objective (`loss`) is the plain sum of the blocks' `block_loss` terms along the chain
+from `chain_start`; the training step differentiates the same `block_loss`, block by
+block, on the same chain.
 Each block's gradient is taken as soon as its output is known, inside the chain, so a
 step holds one block's activations at a time, as NoProp's scan formulation does, not
 the whole chain's, as backprop must.
@@ -94,63 +97,88 @@ def num_block_params(state: State) -> int:
 
 # ----------------------------------------------------------------------------- the objective
 
-def link(model: Model, p_t: dict, stats_t: dict, x: jax.Array, z_prev: jax.Array,
+def link(model: Model, p: dict, stats: dict, x: jax.Array, zprev_BD: jax.Array,
          key: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """(z_t, updated stats) from the detached z_{t-1}: training mode (dropout, batch
-  statistics) when `key` is given."""
-  z_prev = jax.lax.stop_gradient(z_prev)
-  logits, updates = core.apply(model.block, {**stats_t, "params": p_t["blocks"]}, x, z_prev,
-                               train=key is not None, rng=key)
-  return core.chain_link(z_prev, jnp.tanh(p_t["w"]), logits, jnp.eye(model.num_classes)), updates
+  """(z_t [B, d], updated stats) from the detached z_{t-1} (`zprev_BD`), by block t's
+  parameters `p` ({'blocks', 'w', 'head'}) and other collections `stats`: training mode
+  (dropout, batch statistics) when `key` is given."""
+  zprev_BD = jax.lax.stop_gradient(zprev_BD)
+  logits_BM, updates = core.apply(model.block, {**stats, "params": p["blocks"]}, x, zprev_BD,
+                                  train=key is not None, rng=key)
+  return core.chain_link(zprev_BD, jnp.tanh(p["w"]), logits_BM,
+                         jnp.eye(model.num_classes)), updates
 
 
-def block_loss(model: Model, p_t: dict, stats_t: dict, x: jax.Array, z_prev: jax.Array,
-               y: jax.Array, key: jax.Array):
-  """Block t's own objective, CE(head_t(z_t), y), in training mode. Returns (ce, (z_t,
-  updated stats, head_t's accuracy))."""
-  z, updates = link(model, p_t, stats_t, x, z_prev, key)
-  head_out = core.head_logits(p_t["head"], z)
-  return core.cross_entropy(head_out, y), (z, updates, jnp.mean(jnp.argmax(head_out, -1) == y))
+def chain_start(model: Model, x: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(z0 ~ N(0, I) [B, d] (d = m: z is in class space), the blocks' key) of a batch's
+  chain, from its key."""
+  k0, k_blocks = jax.random.split(key)
+  return jax.random.normal(k0, (x.shape[0], model.dim)), k_blocks
+
+
+def block_loss(model: Model, p: dict, stats: dict, x: jax.Array, zprev_BD: jax.Array,
+               y: jax.Array, t, key: jax.Array):
+  """Block t's own objective (t: 0-based, may be traced), CE(head_t(z_t), y), in training
+  mode, drawn from fold_in(key, t) (`key`: the blocks' key of `chain_start`). `loss` sums it
+  over the chain; the training step differentiates it block by block, in `p`. Returns
+  (ce, (z_t, updated stats, head_t's accuracy))."""
+  z_BD, updates = link(model, p, stats, x, zprev_BD, jax.random.fold_in(key, t))
+  logits_BM = core.head_logits(p["head"], z_BD)
+  return core.cross_entropy(logits_BM, y), (z_BD, updates,
+                                            jnp.mean(jnp.argmax(logits_BM, -1) == y))
 
 
 def loss(model: Model, params: dict, stats: dict, x: jax.Array, y: jax.Array,
          key: jax.Array) -> tuple[jax.Array, Metrics]:
-  """The sum of the blocks' own objectives, sum_t CE(head_t(z_t), y), from z_0 ~ N(0, I):
-  each term depends on its own block's parameters only (z_{t-1} enters detached), so this
-  sum's gradient is every block's local gradient at once. `train_step` takes those
-  gradients block by block instead, which needs one block's activations at a time (tests
-  check that the two agree)."""
+  """The sum of the blocks' own objectives along the chain from z0 ~ N(0, I):
+
+    L = sum_{t=1..T} CE(head_t(z_t), y),
+    z_t = (1 - alpha_t) z_{t-1} + alpha_t softmax(block_t(x, sg(z_{t-1}))).
+
+  Each term depends on its own block's parameters only (z_{t-1} enters detached), so this
+  sum's gradient is every block's local gradient at once. The training step applies it
+  (key = `core.step_key(state)`): `gradients` differentiates the same `block_loss`, block
+  by block on the same chain, which needs one block's activations at a time (tests check
+  that the two agree)."""
   core.check_batch(model, x, y)
   x = core.to_float(x)
-  k0, k_blocks = jax.random.split(key)
-  z, total, ces = jax.random.normal(k0, (x.shape[0], model.dim)), 0.0, []
+
+  # 1. THE CHAIN'S START: z0 ~ N(0, I), and the key each block's draws are folded from.
+  z_BD, k_blocks = chain_start(model, x, key)
+
+  # 2. EACH BLOCK'S TERM, in order: CE(head_t(z_t), y), z_t from the detached z_{t-1}.
+  ce_T = []
   for t in range(model.T):
-    ce, (z, _, _) = block_loss(model, core.take(params, t), core.take(stats, t), x, z, y,
-                               jax.random.fold_in(k_blocks, t))
-    total, ces = total + ce, ces + [ce]
-  return total, {"block_loss": jnp.stack(ces)}
+    ce, (z_BD, _, _) = block_loss(model, core.take(params, t), core.take(stats, t), x, z_BD, y,
+                                  t, k_blocks)
+    ce_T.append(ce)
+  ce_T = jnp.stack(ce_T)
+
+  # 3. THEIR SUM, every block's term weighted alike.
+  return jnp.sum(ce_T), {"block_loss": ce_T}
 
 
 # ----------------------------------------------------------------------------- training
 
 def gradients(model: Model, compute: Compute, state: State, x: jax.Array, y: jax.Array):
-  """Every block's gradient of its own objective, taken in the chain's order with the
-  step's key: (gradients, stacked like params; aux: 'block_loss' [T], 'block_accuracy' [T],
-  'stats' (updated, stacked)). Block t's forward and backward pass both finish before block
-  t + 1 starts; only the detached z_t is carried."""
+  """`loss`'s gradient with the step's key (`core.step_key(state)`): every block's
+  `block_loss` differentiated in its own parameters, in the chain's order, from the same
+  `chain_start`. Returns (gradients, stacked like params; aux: 'block_loss' [T],
+  'block_accuracy' [T], 'stats' (updated, stacked)). Block t's forward and backward pass
+  both finish before block t + 1 starts; only the detached z_t is carried."""
   x = core.to_float(x)
-  k0, k_blocks = jax.random.split(core.step_key(state))
+  z0_BD, k_blocks = chain_start(model, x, core.step_key(state))
   grad = jax.value_and_grad(partial(block_loss, model), has_aux=True)
 
-  def step(z, inp):
-    p_t, stats_t, t = inp
-    (ce, (z, updates, acc)), g = grad(p_t, stats_t, x, z, y, jax.random.fold_in(k_blocks, t))
-    return jax.lax.stop_gradient(z), (g, ce, acc, updates)
+  def step(zprev_BD, inp):
+    p, stats, t = inp
+    (ce, (z_BD, updates, acc)), g = grad(p, stats, x, zprev_BD, y, t, k_blocks)
+    return jax.lax.stop_gradient(z_BD), (g, ce, acc, updates)
 
-  z0 = jax.random.normal(k0, (x.shape[0], model.dim))
   xs = (state["params"], state["stats"], jnp.arange(model.T))
-  _, (g, ce, acc, updates) = core.fold_blocks(step, z0, xs, compute)
-  return g, {"block_loss": ce, "block_accuracy": acc, "stats": {**state["stats"], **updates}}
+  _, (g, ce_T, acc_T, updates) = core.fold_blocks(step, z0_BD, xs, compute)
+  return g, {"block_loss": ce_T, "block_accuracy": acc_T,
+             "stats": {**state["stats"], **updates}}
 
 
 def train_step(model: Model, optim: Optim, compute: Compute, state: State, x: jax.Array,
@@ -186,13 +214,13 @@ def forward(model: Model, compute: Compute, state: State, x: jax.Array, z0: jax.
 
   step = lambda z, inp: (link(model, *inp[:2], x, z)[0], None)
 
-  z_T = core.fold_blocks(step, z0, (state["params"], state["stats"]), compute)[0]
-  return core.head_logits(core.take(state["params"]["head"], model.T - 1), z_T)
+  zT_BD = core.fold_blocks(step, z0, (state["params"], state["stats"]), compute)[0]
+  return core.head_logits(core.take(state["params"]["head"], model.T - 1), zT_BD)
 
 
 def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = None,
             mode: str = "mean", compute: Compute | None = None) -> jax.Array:
-  """Class logits [B, m]. mode 'mean': z_0 = 0; 'stochastic': z_0 ~ N(0, I), needs `key`."""
+  """Class logits [B, m]. mode 'mean': z0 = 0; 'stochastic': z0 ~ N(0, I), needs `key`."""
   core.check_predict(model, x, mode, key)
   compute = (compute or Compute()).resolve(model.T, auto=AUTO_FORMULATION)
   return _predict(model, compute, state, x, key, mode)
@@ -200,13 +228,13 @@ def predict(model: Model, state: State, x: jax.Array, key: jax.Array | None = No
 
 @partial(jax.jit, static_argnames=("model", "compute", "mode"))
 def _predict(model, compute, state, x, key, mode):
-  z0 = core.inference_noise(mode, (x.shape[0], model.dim), key)
-  return forward(model, compute, state, core.to_float(x), z0)
+  z0_BD = core.inference_noise(mode, (x.shape[0], model.dim), key)
+  return forward(model, compute, state, core.to_float(x), z0_BD)
 
 
 def eval_counts(model: Model, compute: Compute, state: State, x: jax.Array, y: jax.Array,
                 key: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
-  """(correct with z_0 = 0, [runs] correct with z_0 ~ N(0, I)) on one batch."""
+  """(correct with z0 = 0, [runs] correct with z0 ~ N(0, I)) on one batch."""
   core.check_batch(model, x, y, padding=True)
   solve = lambda x, z0: forward(model, compute, state, x, z0)
   return core.eval_paths(solve, lambda logits: logits, core.to_float(x), y, key, runs, model.dim)

@@ -10,17 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noprop_jax import blocks, core, data, dt, trainer
+from conftest import assert_trees, make_model
+from noprop_jax import blocks, core, dt, trainer
 from noprop_jax import diffusion_blocks as db
 from noprop_jax.config import RunConfig
 from noprop_jax.core import Compute, Optim
 
-DIGITS = data.load("digits")
 M, D = 10, 16
-
-
-def _model(T=3, **kw):
-  return db.Model(blocks.MLPTimeBlock(D, hidden=32, depth=1), (8, 8, 1), M, T=T, embedding_dim=D, **kw)
+# The models: `make_model("diffusion_blocks", T=..., **SMALL)`, at the digits' shapes.
+SMALL = dict(block="mlp", hidden=32, depth=1, dropout=0.0, embedding_dim=D)
 
 
 def _lognormal_cdf(sigma, p_mean=-1.2, p_std=1.2):
@@ -31,12 +29,13 @@ def _lognormal_cdf(sigma, p_mean=-1.2, p_std=1.2):
 # ----------------------------------------------------------------------------- noise levels
 
 def test_partition_of_three_blocks_is_the_published_one():
-  np.testing.assert_allclose(db.partition(_model(T=3)), [0.002, 0.180, 0.505, 80], atol=5e-4)
+  bounds = db.partition(make_model("diffusion_blocks", T=3, **SMALL))
+  np.testing.assert_allclose(bounds, [0.002, 0.180, 0.505, 80], atol=5e-4)
 
 
 @pytest.mark.parametrize("T", [1, 2, 3, 5, 10])
 def test_every_interval_holds_an_equal_share_of_the_restricted_lognormal(T):
-  bounds = db.partition(_model(T=T))
+  bounds = db.partition(make_model("diffusion_blocks", T=T, **SMALL))
   assert bounds[0] == 0.002 and bounds[-1] == 80 and np.all(np.diff(bounds) > 0)
   total = _lognormal_cdf(80) - _lognormal_cdf(0.002)
   shares = [(_lognormal_cdf(hi) - _lognormal_cdf(lo)) / total for lo, hi in zip(bounds, bounds[1:])]
@@ -44,11 +43,11 @@ def test_every_interval_holds_an_equal_share_of_the_restricted_lognormal(T):
 
 
 def test_intervals_run_from_the_noisiest_and_widen_by_the_overlap_in_log_sigma():
-  plain = db.intervals(_model(T=3, overlap=0.0))
-  bounds = db.partition(_model(T=3))
+  plain = db.intervals(make_model("diffusion_blocks", T=3, overlap=0.0, **SMALL))
+  bounds = db.partition(make_model("diffusion_blocks", T=3, **SMALL))
   np.testing.assert_allclose(plain, [[bounds[2], bounds[3]], [bounds[1], bounds[2]],
                                      [bounds[0], bounds[1]]])
-  wide = db.intervals(_model(T=3, overlap=0.1))
+  wide = db.intervals(make_model("diffusion_blocks", T=3, overlap=0.1, **SMALL))
   lo, hi = np.log(plain[:, 0]), np.log(plain[:, 1])
   w = hi - lo
   np.testing.assert_allclose(np.log(wide[:, 0]), np.maximum(lo - 0.1 * w, np.log(0.002)))
@@ -57,16 +56,18 @@ def test_intervals_run_from_the_noisiest_and_widen_by_the_overlap_in_log_sigma()
 
 
 def test_inference_levels_fall_one_in_each_block():
-  np.testing.assert_allclose(db.inference_levels(_model(T=3)), [80, 0.301, 0.002], atol=5e-4)
+  levels = db.inference_levels(make_model("diffusion_blocks", T=3, **SMALL))
+  np.testing.assert_allclose(levels, [80, 0.301, 0.002], atol=5e-4)
   for T in (2, 4, 7):
-    levels, own = db.inference_levels(_model(T=T)), db.intervals(_model(T=T, overlap=0.0))
+    levels = db.inference_levels(make_model("diffusion_blocks", T=T, **SMALL))
+    own = db.intervals(make_model("diffusion_blocks", T=T, overlap=0.0, **SMALL))
     assert np.all(np.diff(levels) < 0)
     assert np.all((own[:, 0] * (1 - 1e-9) <= levels) & (levels <= own[:, 1] * (1 + 1e-9))), T
 
 
 @pytest.mark.parametrize("b", [0, 1, 2])
 def test_noise_levels_are_drawn_from_the_blocks_own_interval_by_the_restricted_lognormal(b):
-  model = _model(T=3, overlap=0.1)
+  model = make_model("diffusion_blocks", T=3, overlap=0.1, **SMALL)
   sigma = np.asarray(db.sample_sigma(model, jnp.int32(b), jax.random.key(b), (20000,)), np.float64)
   lo, hi = db.intervals(model)[b]
   assert sigma.min() >= lo * (1 - 1e-5) and sigma.max() <= hi * (1 + 1e-5)
@@ -84,7 +85,7 @@ def test_preconditioning_keeps_unit_variance_and_its_identities_over_the_whole_r
   np.testing.assert_allclose(c_in**2 * (sigma**2 + 0.25), 1.0, rtol=1e-5)
   np.testing.assert_allclose(db.loss_weight(sigma, 0.5), 1.0 / c_out**2, rtol=1e-4)
   np.testing.assert_allclose(db.loss_weight(jnp.float32(0.002), 0.5), 250_004, rtol=1e-4)
-  t = db.noise_time(_model(), sigma)
+  t = db.noise_time(make_model("diffusion_blocks", T=3, **SMALL), sigma)
   np.testing.assert_allclose([t[0], t[-1]], [1.0, 0.0], atol=1e-6)
   assert np.all(np.diff(np.asarray(t)) < 0)
 
@@ -100,33 +101,41 @@ def _state(model, seed=0):
   return state
 
 
-def _batch(n=32):
-  return DIGITS.train.images[:n], DIGITS.train.labels[:n]
+def _batch(digits, n=32):
+  return digits.train.images[:n], digits.train.labels[:n]
 
 
 @pytest.mark.parametrize("formulation", ["vmap", "scan"])  # unroll: the next test
-def test_block_gradients_are_the_objectives_gradient_and_depend_on_their_own_block_only(formulation):
-  model, (x, y) = _model(T=3), _batch()
+def test_block_gradients_are_the_objectives_gradient_and_depend_on_their_own_block_only(
+    formulation, digits):
+  model, (x, y) = make_model("diffusion_blocks", T=3, **SMALL), _batch(digits)
   state = _state(model)
   compute = Compute(formulation).resolve(model.T)
-  g_blocks, g_shared, _ = db.gradients(model, compute, state, x, y)
+  g_blocks, g_shared, aux = db.gradients(model, compute, state, x, y)
   # The same as autodiff of the whole objective with the step's key.
-  f = lambda b, s: db.loss(model, {"params": b}, s, x, y, core.step_key(state))[0]
-  ref_b, ref_s = jax.grad(f, argnums=(0, 1))(state["blocks"]["params"], state["shared"])
-  for a, r in zip(jax.tree.leaves((g_blocks, g_shared)), jax.tree.leaves((ref_b, ref_s))):
-    # w(sigma) reaches 2.5e5: float reordering shows at ~1e-6 of the leaf's scale.
-    np.testing.assert_allclose(a, r, rtol=1e-3, atol=1e-4 * float(jnp.abs(r).max()))
-  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_blocks))
+  f = lambda b, s: db.loss(model, {"params": b}, s, x, y, core.step_key(state))
+  (value, metrics), (ref_b, ref_s) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+      state["blocks"]["params"], state["shared"])
+  # ... from the same terms, weighted alike (1 / T each, the chance of drawing the block).
+  np.testing.assert_allclose(aux["block_loss"], metrics["block_loss"], rtol=1e-5)
+  assert db.block_weight(model) == pytest.approx(1 / 3)
+  np.testing.assert_allclose(value, np.sum(db.block_weight(model) * aux["block_loss"]), rtol=1e-5)
+  # w(sigma) reaches 2.5e5: float reordering shows at ~1e-6 of the leaf's scale.
+  assert_trees((g_blocks, g_shared), (ref_b, ref_s), rtol=1e-3,
+               atol=lambda ref: 1e-4 * float(np.abs(np.asarray(ref)).max()))
+  for g in jax.tree.leaves(g_blocks):  # every block's every parameter array gets a gradient
+    assert np.all(np.abs(np.asarray(g)).reshape(model.T, -1).max(axis=1) > 0), g.shape
   # Block 0's gradient does not move when blocks 1 and 2 change.
   other = jax.tree.map(lambda a: a.at[1:].multiply(1.5), state["blocks"])
   g_other, _, _ = db.gradients(model, compute, {**state, "blocks": other}, x, y)
+  first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+  assert_trees(first(g_other), first(g_blocks), what="block 0")
   for a, b in zip(jax.tree.leaves(g_blocks), jax.tree.leaves(g_other)):
-    np.testing.assert_array_equal(a[0], b[0])
     assert not np.allclose(a[1:], b[1:])
 
 
-def test_each_block_updates_by_its_own_optimizer_and_the_shared_parts_by_the_mean():
-  model, (x, y) = _model(T=3), _batch()
+def test_each_block_updates_by_its_own_optimizer_and_the_shared_parts_by_the_mean(digits):
+  model, (x, y) = make_model("diffusion_blocks", T=3, **SMALL), _batch(digits)
   state = _state(model)
   compute = Compute("vmap").resolve(model.T)
   new, m = jax.jit(partial(db.train_step, model, Optim(), compute))(state, x, y)
@@ -139,16 +148,15 @@ def test_each_block_updates_by_its_own_optimizer_and_the_shared_parts_by_the_mea
   np.testing.assert_array_equal(new["opt_blocks"][1][0].count, [1, 1, 1])
 
 
-def test_every_blocks_per_step_setting_gives_the_same_step():
-  model, (x, y) = _model(T=4), _batch()
+def test_every_blocks_per_step_setting_gives_the_same_step(digits):
+  model, (x, y) = make_model("diffusion_blocks", T=4, **SMALL), _batch(digits)
   state = _state(model)
   run = lambda c: jax.jit(partial(db.train_step, model, Optim(), c.resolve(4)))(state, x, y)
   ref, m_ref = run(Compute("vmap"))
   for c in (Compute("unroll"), Compute("vmap", 2), Compute("scan")):
     new, m = run(c)
     np.testing.assert_allclose(m["block_loss"], m_ref["block_loss"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(ref["blocks"]), jax.tree.leaves(new["blocks"])):
-      np.testing.assert_allclose(a, b, atol=2e-5, err_msg=str(c))
+    assert_trees(ref["blocks"], new["blocks"], atol=2e-5, rtol=1e-7, what=str(c))
 
 
 # ----------------------------------------------------------------------------- inference
@@ -169,12 +177,12 @@ class TaggedBlock(nn.Module):
 
 @pytest.mark.parametrize("T", [1, 3, 5])
 @pytest.mark.parametrize("formulation", ["unroll", "vmap"])
-def test_inference_calls_each_block_once_from_the_noisiest(T, formulation):
+def test_inference_calls_each_block_once_from_the_noisiest(T, formulation, digits):
   model = db.Model(TaggedBlock(), (8, 8, 1), M, T=T, embedding_dim=D)
   state = db.init(model, jax.random.key(0))
   state["blocks"]["params"]["tag"] = jnp.arange(T, dtype=jnp.float32)
   CALLS.clear()
-  logits = db.predict(model, state, DIGITS.test.images[:4], compute=Compute(formulation))
+  logits = db.predict(model, state, digits.test.images[:4], compute=Compute(formulation))
   jax.effects_barrier()
   assert logits.shape == (4, M)
   calls = list(CALLS)
@@ -184,10 +192,10 @@ def test_inference_calls_each_block_once_from_the_noisiest(T, formulation):
   assert db.block_calls(model) == T
 
 
-def test_the_euler_step_moves_z_towards_the_denoised_estimate():
-  model = _model(T=3)
+def test_the_euler_step_moves_z_towards_the_denoised_estimate(digits):
+  model = make_model("diffusion_blocks", T=3, **SMALL)
   state = _state(model)
-  x = core.to_float(DIGITS.test.images[:8])
+  x = core.to_float(digits.test.images[:8])
   compute = Compute("vmap")
   levels = db.inference_levels(model)
   # By hand: the chain of `sample`, level by level.

@@ -8,19 +8,15 @@ import numpy as np
 import optax
 import pytest
 
-from noprop_jax import blocks, core, dt
+from conftest import assert_trees, make_model
+from noprop_jax import core, dt
 from noprop_jax.core import Compute, Optim
 
 B = 16
 SHAPE = (8, 8, 1)
-
-
-def _model(T=3, looped=False, **kw):
-  """The paper's block (SAME padding at 8x8); `looped` picks the CPU convolution for blocks
-  under vmap or scan, as the trainer does."""
-  block = blocks.make(blocks.BlockConfig(), time_conditioned=False, num_classes=10,
-                      input_shape=SHAPE, looped=looped)
-  return dt.Model(block, SHAPE, 10, T=T, **kw)
+# Models: `make_model("dt", T=..., formulation=...)`, the paper's block at the digits' 8x8x1
+# (SAME padding), built as the trainer builds it: formulation "unroll" runs the blocks one
+# by one, "vmap" or "scan" maps them (the CPU convolution for looped blocks).
 
 
 def _batch(seed=0):
@@ -32,13 +28,10 @@ def _blocks(tree, i):
   return jax.tree.map(lambda a: a[i], tree)
 
 
-def _assert_trees_close(got, want, rel=1e-4, floor=1e-5, what=""):
-  """Equal up to float reordering: biases of Dense layers followed by BatchNorm have zero
-  gradient up to float noise, hence the absolute floor relative to the leaf's scale."""
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
-    scale = float(np.abs(np.asarray(a)).max())
-    np.testing.assert_allclose(b, a, rtol=0, atol=rel * scale + floor,
-                               err_msg=f"{what}{jax.tree_util.keystr(path)}")
+def _reordering_atol(ref) -> float:
+  """A leaf's tolerance for "equal up to float reordering": 1e-4 of its scale plus a floor,
+  as biases of Dense layers followed by BatchNorm have zero gradient up to float noise."""
+  return 1e-4 * float(np.abs(np.asarray(ref)).max()) + 1e-5
 
 
 def test_noisy_label_marginal_uses_sqrt_alpha_bar():
@@ -50,8 +43,8 @@ def test_noisy_label_marginal_uses_sqrt_alpha_bar():
 
 def test_kl_term_matches_monte_carlo(strict_dtypes):
   # The head's terms do not involve the blocks: a small MLP block initialises fast.
-  model = dt.Model(blocks.MLPBlock(10, hidden=8), SHAPE, 10, T=3, embedding="learned",
-                   embedding_dim=4)
+  model = make_model("dt", T=3, block="mlp", hidden=8, dropout=0.0, embedding="learned",
+                     embedding_dim=4)
   state = dt.init(model, jax.random.key(0))
   y = jnp.arange(10) % 10
   ab0 = float(model.schedule.alpha_bar[0])
@@ -66,7 +59,7 @@ def test_kl_term_matches_monte_carlo(strict_dtypes):
 
 
 def test_head_cross_entropy_is_on_logits_not_probabilities(strict_dtypes):
-  model = _model()
+  model = make_model("dt", T=3, formulation="unroll")
   shared = {"head": {"kernel": 3.0 * jnp.eye(10), "bias": jnp.zeros(10)}}
   y = jnp.arange(10)
   _, (ce, _) = dt.head_terms(model, shared, y, jax.random.key(0))
@@ -79,7 +72,7 @@ def test_head_cross_entropy_is_on_logits_not_probabilities(strict_dtypes):
 def test_block_s_gets_no_gradient_from_block_t_loss(strict_dtypes):
   """Each block's denoising term, mapped over the stacked blocks as the CPU step maps them
   (unrolled in one program), depends on that block's parameters only."""
-  model = _model(T=2, looped=True, embedding="learned", embedding_dim=6)
+  model = make_model("dt", T=2, formulation="vmap", embedding="learned", embedding_dim=6)
   state = dt.init(model, jax.random.key(0))
   x, y = _batch()
   W = state["shared"]["embed"]
@@ -105,7 +98,7 @@ def test_block_s_gets_no_gradient_from_block_t_loss(strict_dtypes):
 
 @pytest.fixture(scope="module")
 def parallel_step():
-  model = _model()
+  model = make_model("dt", T=3, formulation="unroll")
   return model, dt.make_train_step(model, Optim(), Compute("unroll"))
 
 
@@ -121,11 +114,9 @@ def test_train_step_updates_each_block_from_its_own_data_only(parallel_step):
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(_blocks(n1["blocks"], 0)), jax.tree.leaves(_blocks(n2["blocks"], 0))))
   for i in range(1, model.T):
-    for a, b in zip(jax.tree.leaves(_blocks(n1["blocks"], i)), jax.tree.leaves(_blocks(n2["blocks"], i))):
-      np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(_blocks(n1["opt_blocks"], i)),
-                    jax.tree.leaves(_blocks(n2["opt_blocks"], i))):
-      np.testing.assert_array_equal(a, b)
+    assert_trees(_blocks(n2["blocks"], i), _blocks(n1["blocks"], i), what=f"block {i}")
+    assert_trees(_blocks(n2["opt_blocks"], i), _blocks(n1["opt_blocks"], i),
+                 what=f"block {i}'s optimizer")
   np.testing.assert_array_equal(n1["shared"]["head"]["kernel"], n2["shared"]["head"]["kernel"])
 
 
@@ -147,7 +138,7 @@ def loss_gradient():
   """jax.grad of `dt.loss` (Eq. 8) in the blocks' parameters and `shared`, at a state
   whose step is not 0, with the key the training step draws (`core.step_key`)."""
   # A learned embedding: the blocks' terms reach `shared` too (one-hot: only the head's).
-  model = _model(T=2, looped=True, embedding="learned", embedding_dim=6)
+  model = make_model("dt", T=2, formulation="vmap", embedding="learned", embedding_dim=6)
   state = {**dt.init(model, jax.random.key(0)), "step": jnp.int32(7)}
   x, y = _batch()
 
@@ -167,18 +158,27 @@ def test_step_gradient_is_the_gradient_of_the_loss(loss_gradient, formulation):
   compute = Compute(formulation).resolve(model.T)
   g_blocks, g_shared, aux = jax.jit(partial(dt.gradients, model, compute))(state, x, y)
   (value, metrics), (want_blocks, want_shared) = grad(core.step_key(state))
-  _assert_trees_close(g_blocks, want_blocks, what="blocks")
-  _assert_trees_close(g_shared, want_shared, what="shared")
+  assert_trees(g_blocks, want_blocks, atol=_reordering_atol, what="blocks")
+  assert_trees(g_shared, want_shared, atol=_reordering_atol, what="shared")
   assert set(g_shared) == {"head", "embed"}
   assert float(jnp.abs(g_shared["embed"]).max()) > 0
   # The same objective's value and parts.
-  assert value.shape == () and np.isfinite(float(value)) and float(value) > 0
+  assert value.shape == () and np.isfinite(float(value))
+  # ... CE + KL + the denoising term, each positive; the step's head term is CE + KL.
+  assert float(metrics["ce"] + metrics["kl"] + metrics["denoise"]) == pytest.approx(
+      float(value), rel=1e-6)
+  assert all(float(metrics[k]) > 0 for k in ("ce", "kl", "denoise")), metrics
+  assert float(aux["head_loss"]) == pytest.approx(float(aux["ce"] + aux["kl"]), rel=1e-6)
+  assert float(aux["kl"]) == pytest.approx(float(metrics["kl"]), rel=1e-6)
   assert float(aux["block_loss"].sum() + aux["head_loss"]) == pytest.approx(float(value), rel=1e-5)
   assert float(aux["block_loss"].sum()) == pytest.approx(float(metrics["denoise"]), rel=1e-5)
   assert float(aux["ce"]) == pytest.approx(float(metrics["ce"]), rel=1e-6)
   # Eq. 8's denoising term: (T / 2) eta E_t[dSNR(t) mse_t], the expectation as the mean over t.
   eq8 = 0.5 * model.T * model.eta * jnp.mean(model.schedule.dsnr * aux["block_mse"])
   assert float(metrics["denoise"]) == pytest.approx(float(eq8), rel=1e-5)
+  # Each block's term in the step is its error times the one weight `loss` uses.
+  weight = dt.denoise_weight(model, jnp.arange(1, model.T + 1), model.T)
+  np.testing.assert_allclose(aux["block_loss"], weight * aux["block_mse"], rtol=1e-6)
   if formulation == "unroll":  # (one formulation: compiling a step costs as much again)
     # The step reports the same loss: it draws its noise from core.step_key(state).
     _, m = jax.jit(partial(dt.train_step, model, Optim(), compute))(state, x, y)
@@ -188,8 +188,20 @@ def test_step_gradient_is_the_gradient_of_the_loss(loss_gradient, formulation):
   assert not np.allclose(jax.tree.leaves(other)[0], jax.tree.leaves(want_blocks)[0])
 
 
+def test_denoise_weight_is_eq8s_coefficient():
+  """(T / 2) eta (SNR(t) - SNR(t-1)) / n_blocks: all T blocks give E_t exactly (the weights'
+  mean over t is Eq. 8's coefficient); one block (Algorithm 1) carries T times its share."""
+  model = make_model("dt", T=4, formulation="unroll", eta=0.3)
+  t = jnp.arange(1, model.T + 1)
+  dsnr = np.asarray(model.schedule.dsnr, np.float64)
+  np.testing.assert_allclose(dt.denoise_weight(model, t, model.T), 0.5 * 0.3 * dsnr, rtol=1e-5)
+  np.testing.assert_allclose(dt.denoise_weight(model, t, 1), 0.5 * 4 * 0.3 * dsnr, rtol=1e-5)
+  assert float(dt.denoise_weight(model, jnp.int32(2), model.T)) == pytest.approx(
+      0.5 * 0.3 * dsnr[1], rel=1e-5)  # a traced t, as the step passes it
+
+
 def test_sequential_step_touches_one_block():
-  model = _model()
+  model = make_model("dt", T=3, formulation="unroll")
   compute = Compute("unroll").resolve(model.T)
   step = jax.jit(lambda s, x, y, i: dt.sequential_step(model, Optim(), compute, s, x, y, i))
   x, y = _batch()
@@ -206,7 +218,7 @@ def test_sequential_step_touches_one_block():
 
 
 def test_predict_modes_and_shapes(strict_dtypes):
-  model = _model()
+  model = make_model("dt", T=3, formulation="unroll")
   state = dt.init(model, jax.random.key(0))
   state["shared"]["head"]["kernel"] = jax.random.normal(jax.random.key(9), (10, 10))  # not zero
   x, _ = _batch()
@@ -228,7 +240,7 @@ def test_predict_modes_and_shapes(strict_dtypes):
 def test_mean_path_chain_matches_explicit_update(strict_dtypes):
   """The scan applies z_t = a_t u_hat + b_t z_{t-1} + sqrt(c_t) eps_t block by block, on
   the features computed once per input."""
-  model = _model()
+  model = make_model("dt", T=3, formulation="unroll")
   state = dt.init(model, jax.random.key(3))
   x, _ = _batch()
   feats = dt.features(model, Compute("unroll").resolve(model.T), state, x)
