@@ -256,10 +256,12 @@ def reordering_atol(ref) -> float | None:
 # rest keep their order. A renamed test only loses its place, nothing else.
 LONGEST_FIRST = (
     "tests/test_mesh.py::",
+    "tests/test_own_method.py::test_it_gets_rows_in_the_comparison_and_the_benchmark",
     "tests/test_torch_reference.py::test_the_benchmark_times_both_side_by_side",
     "tests/test_parallel.py::test_every_blocks_per_step_setting_takes_the_same_step",
     "tests/test_benchmark.py::test_benchmark_rows",
     "tests/test_trainer.py::test_resume_after_interruption_is_exact",
+    "tests/test_own_method.py::test_it_trains_resumes_exactly_and_runs_from_the_command_line",
     "tests/test_multihost.py::",
     "tests/test_reliability.py::test_kill_9_mid_run_then_the_same_command_resumes",
     "tests/test_vit_block.py::test_noprop_dt_learns_the_digits_with_vit_blocks",
