@@ -233,7 +233,8 @@ def train_row(key: str, kind: str, cfg: RunConfig, repeats: int) -> dict:
   # Loops that hold block work (XLA counts their body once): chunks of k < T blocks,
   # and backprop's chain of blocks, a lax.scan unless unrolled (XLA:CPU).
   looped = ((kind == "parallel" and compute.blocks_per_step < T)
-            or (kind == "backprop" and compute.formulation != "unroll"))
+            or (kind == "backprop" and compute.formulation != "unroll")
+            or (kind == "method" and (compute.formulation == "scan" or compute.blocks_per_step < T)))
   return {"table": "train", "case": key, "kind": kind, "resolved": resolved(kind, cfg),
           "compile_s": compile_s, "s_per_step": s_per_step, "timed_steps": repeats * (
               T if kind == "algorithm1" else 1),
@@ -521,7 +522,8 @@ def torch_table(rows: list[dict], info: dict, args) -> str:
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # see --method-module
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dataset", default="mnist", choices=list(SHAPES))
   p.add_argument("--batch-size", type=int, default=128, help="paper: 128")
   p.add_argument("--T", type=int, default=10, help="blocks (paper: 10)")

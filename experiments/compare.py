@@ -31,7 +31,7 @@ import jax
 
 from noprop_jax import cli, core, host_memory, trainer
 from noprop_jax import method as methods
-from noprop_jax.config import RunConfig, method_settings
+from noprop_jax.config import RunConfig
 from reproduce import Datasets, fmt_duration
 
 BLOCKS = ("paper", "vit")
@@ -41,7 +41,7 @@ def row_config(method: str, block: str, dataset: str, epochs: int | None,
                inference_steps: int | None, batch_size: int, seed: int = 0) -> RunConfig:
   settings = dict(dataset=dataset, block=block, epochs=epochs, batch_size=batch_size, seed=seed,
                   inference_runs=1)
-  if "inference_steps" in method_settings(method):
+  if "inference_steps" in methods.get(method).resumable:  # inference only (not the adjoint's)
     settings["inference_steps"] = inference_steps
   return RunConfig.create(method, **settings)
 
@@ -91,7 +91,8 @@ def table(results: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,  # see --method-module
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dataset", default="digits", help="digits (embedded), mnist, fashion_mnist, ...")
   p.add_argument("--data-dir", default=None, help="the dataset's original files (else TFDS)")
   p.add_argument("--method-module", action="append", default=[], metavar="MODULE",
@@ -101,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--blocks", nargs="+", default=list(BLOCKS), choices=BLOCKS)
   p.add_argument("--epochs", type=int, default=None, help="every row's epochs (default: the method's)")
   p.add_argument("--inference-steps", type=int, default=None,
-                 help="Euler steps of the methods with that setting (default: theirs)")
+                 help="inference's Euler steps, for the methods where they are inference "
+                 "only (ct, fm; default: theirs)")
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--train-size", type=int, default=None, help="the first N training examples only")
   p.add_argument("--seed", type=int, default=0)

@@ -19,10 +19,6 @@ from pathlib import Path
 
 from noprop_jax import cli, host_memory
 
-CLI_ONLY = ("workdir", "checkpoint_every", "no_progress", "distributed", "flag_table",
-            "method_module")
-
-
 def positive_int(text: str) -> int:
   try:
     value = int(text)
@@ -40,7 +36,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-  p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  # No abbreviated flags: --method-module is read before the parser exists (it registers
+  # methods whose settings become flags), under its full name only.
+  p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+             allow_abbrev=False)
   cli.add_flags(p)
   p.add_argument("--workdir", default="runs/default", help="checkpoints, metrics.jsonl, summary.json")
   p.add_argument("--checkpoint-every", type=positive_int, default=200, help="also checkpoint every N steps mid-epoch")

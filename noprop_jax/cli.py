@@ -16,7 +16,7 @@ from pathlib import Path
 
 from noprop_jax import method as methods
 from noprop_jax.blocks import BlockConfig
-from noprop_jax.config import NOT_SETTINGS, DataConfig, RunConfig, TrainConfig, method_settings
+from noprop_jax.config import NOT_SETTINGS, DataConfig, RunConfig, TrainConfig
 from noprop_jax.setting import help_of
 
 
@@ -28,23 +28,36 @@ def import_method_modules(argv: list[str]) -> list[str]:
   names = pre.parse_known_args(argv)[0].method_module
   for name in names:
     if name.endswith(".py"):
-      path = Path(name)
-      if not path.is_file():
-        raise ValueError(f"--method-module {name}: no such file")
-      loaded = sys.modules.get(path.stem)
-      if loaded is not None and Path(getattr(loaded, "__file__", "")).resolve() == path.resolve():
-        continue  # already imported (and its method registered) under its own name
-      spec = importlib.util.spec_from_file_location(path.stem, path)
-      module = importlib.util.module_from_spec(spec)
-      sys.modules[path.stem] = module
-      spec.loader.exec_module(module)
-    else:
-      try:
-        importlib.import_module(name)
-      except ModuleNotFoundError as e:
-        raise ValueError(f"--method-module {name}: {e} (give a module on the Python path, "
-                         "or the path of a .py file)") from None
+      _import_file(name)
+      continue
+    try:
+      importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if e.name != name.split(".")[0] and e.name != name:
+        raise  # the module is there, but something it imports is not: its own error
+      raise ValueError(f"--method-module {name}: {e} (give a module on the Python path, "
+                       "or the path of a .py file)") from None
   return names
+
+
+def _import_file(name: str) -> None:
+  """Import the .py file `name` once per process, under a name of its own (never one of an
+  importable module: a file json.py must not replace the standard library's json)."""
+  path = Path(name).resolve()
+  if not path.is_file():
+    raise ValueError(f"--method-module {name}: no such file")
+  for module in list(sys.modules.values()):  # already imported, under any name
+    if getattr(module, "__file__", None) and Path(module.__file__).resolve() == path:
+      return
+  key = f"_noprop_method_module_{abs(hash(str(path))):x}"
+  spec = importlib.util.spec_from_file_location(key, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[key] = module  # for the dataclasses and pickles that look their module up
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[key]
+    raise
 
 
 def _flag(name: str) -> str:
@@ -127,5 +140,4 @@ def from_args(args: argparse.Namespace) -> RunConfig:
   return RunConfig.create(method, **{k: v for k, v in settings.items() if v is not None})
 
 
-__all__ = ["add_flags", "flag_table", "from_args", "import_method_modules", "method_settings",
-           "settings_by_flag"]
+__all__ = ["add_flags", "flag_table", "from_args", "import_method_modules", "settings_by_flag"]

@@ -22,6 +22,9 @@ from noprop_jax.setting import setting
 from noprop_jax.sharding import parse_mesh
 
 NOT_SETTINGS = ("block", "input_shape", "num_classes")  # Model fields the data and block fill
+# The command-line scripts' own flags (experiments/train.py): no setting may take their names.
+SCRIPT_FLAGS = ("method_module", "workdir", "checkpoint_every", "no_progress", "distributed",
+                "flag_table")
 NAMED_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet")
 TRAININGS = ("parallel", "sequential")
 
@@ -49,12 +52,12 @@ class TrainConfig:
   epochs: int = setting(0, "passes over the training set; 0: paper Table 4 for method and dataset")
   batch_size: int = setting(128, "examples per step")
   seed: int = setting(0, "seeds init, batch order, noise and dropout (not compiled in)")
-  lr: float = setting(1e-3, "learning rate (DT and baselines AdamW, CT/FM Adam)")
+  lr: float = setting(1e-3, "learning rate (of the method's optimizer: AdamW or Adam)")
   weight_decay: float = setting(1e-3, "weight decay")
   grad_clip: float = setting(
-      1.0, "clip each block (DT), parameter group (CT/FM) or network by its own gradient norm; 0: off")
+      1.0, "clip each block, parameter group or network (as the method groups them) by its own gradient norm; 0: off")
   training: str = setting(
-      "parallel", "parallel: every block every step | sequential: Algorithm 1 (DT)")
+      "parallel", "parallel: every block every step | sequential: Algorithm 1, one block per step (methods that have it)")
   formulation: str = setting(
       "auto", "how a step maps over stacked blocks: auto | vmap | unroll | scan")
   blocks_per_step: int = setting(
@@ -64,7 +67,7 @@ class TrainConfig:
       "", "device mesh blocks=B,data=D (blocks: side-by-side blocks only); empty: one device")
   inference: str = setting("mean", "inference mode of test_accuracy: mean | stochastic")
   inference_runs: int = setting(5, "sampled inference runs averaged in the summary")
-  eval_every: int = setting(0, "epochs between test evaluations (0: the method's, e.g. 10 for CT/FM on digits, else 1)")
+  eval_every: int = setting(0, "epochs between test evaluations (0: the method's default for the dataset, else 1)")
 
   def __post_init__(self):
     for name in ("batch_size", "inference_runs"):
@@ -91,8 +94,16 @@ class TrainConfig:
 
 
 def method_settings(method: str) -> dict[str, dataclasses.Field]:
-  """The method's own settings: its Model's fields other than block and data shapes."""
-  return methods.settings(methods.get(method))
+  """The method's own settings: its Model's fields other than block and data shapes. A
+  setting named like another concern's (or a script's flag) is refused: its flag would
+  set the other one."""
+  own = methods.settings(methods.get(method))
+  clash = set(own) & (_names(RunConfig) | _names(BlockConfig) | _names(DataConfig)
+                      | _names(TrainConfig) | set(SCRIPT_FLAGS))
+  if clash:
+    raise ValueError(f"method {method!r}: its settings {sorted(clash)} have the names of the "
+                     "run's other settings or of the scripts' flags; rename them")
+  return own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +202,7 @@ class RunConfig:
 
   def to_dict(self) -> dict[str, Any]:
     """Every setting, by concern. The method's settings that were not given appear at
-    their defaults, so an explicit default compares equal to an omitted one (`guard_config`)."""
+    their defaults, so an explicit default compares equal to an omitted one (`workdir.config_changes`)."""
     defaults = {k: f.default for k, f in method_settings(self.method).items()}
     return {"method": self.method, "model": {**defaults, **self.model},
             **{g: dataclasses.asdict(getattr(self, g)) for g in ("block", "data", "train")}}
@@ -208,8 +219,10 @@ class RunConfig:
     return cfg
 
 
-# Settings that change how fast or how often, not what a run computes: a resumed run may
-# change them (config.json's history records it).
+# Settings that change how a step executes, not what it computes; the epoch budget; and
+# the optimizer's settings, so that a run that diverged can go on from its last good
+# checkpoint with a lower learning rate. A resumed run may change them (config.json's
+# history records it), and the method's own `resumable` ones.
 RESUMABLE = ("epochs", "formulation", "conv_impl", "blocks_per_step", "mesh", "precision",
              "inference_runs", "eval_every", "lr", "weight_decay", "grad_clip")
 

@@ -72,9 +72,10 @@ class Method:
   time_conditioned: bool
   # The paper's training budget (epochs) per dataset (`budgets`); others take 'digits'.
   epochs: Mapping[str, int]
-  # State entries whose leaves lead with the blocks axis (T). A method with any trains
-  # its blocks side by side, each on its own device under a 'blocks' mesh axis, and may
-  # compute them a few at a time (blocks_per_step). Empty: one network.
+  # State entries whose leaves lead with the blocks axis. A method with any trains its
+  # blocks side by side, each on its own device under a 'blocks' mesh axis, and may
+  # compute them a few at a time (blocks_per_step); its Model then has a setting `T`,
+  # the number of blocks. Empty: one network.
   stacked: tuple[str, ...] = ()
   # Per-step metrics besides 'loss' and 'skipped' (each epoch records its last step's).
   metrics: tuple[str, ...] = ()
@@ -109,6 +110,13 @@ class Method:
     if "digits" not in self.epochs:
       raise ValueError(f"method {self.name!r}: epochs needs at least a 'digits' budget (the "
                        "default for datasets it does not name); use method.budgets(...)")
+    taken = set(self.metrics) & RESERVED_METRICS
+    if taken:
+      raise ValueError(f"method {self.name!r}: metrics {sorted(taken)} are names the trainer "
+                       "gives its own entries (loss and skipped come with every step); rename them")
+    if self.stacked and "T" not in settings(self):
+      raise ValueError(f"method {self.name!r}: a method with stacked blocks ({self.stacked}) "
+                       "needs a Model setting T, the number of blocks")
     unknown = set(self.shown) - set(self.metrics)
     if unknown:
       raise ValueError(f"method {self.name!r}: shown {sorted(unknown)} are not in its metrics")
@@ -133,6 +141,12 @@ class Method:
   def budget(self, dataset: str) -> int:
     """Epochs to train on `dataset` when none are given."""
     return self.epochs.get(dataset, self.epochs["digits"])
+
+
+# Per-epoch record entries the trainer writes itself (metrics.jsonl), and the step's own.
+RESERVED_METRICS = {"loss", "skipped", "epoch", "step", "train_loss", "seconds",
+                    "train_accuracy", "test_accuracy", "test_accuracy_mean_path",
+                    "test_accuracy_stochastic", "eval_seconds"}
 
 
 def settings(method: Method) -> dict[str, dataclasses.Field]:
@@ -195,8 +209,11 @@ def register(method: Method, replace: bool = False) -> Method:
   return method
 
 
-def _source(method: Method) -> tuple[str, str]:
-  return method.Model.__module__, method.Model.__qualname__
+def _source(method: Method) -> tuple[str, ...]:
+  """Where a record's Model and functions are defined: a record defined again by the same
+  code (a rerun cell) has the same source; a copy with another function does not."""
+  return tuple(f"{f.__module__}.{getattr(f, '__qualname__', '')}" for f in
+               (method.Model, method.init, method.train_step, method.eval_counts, method.predict))
 
 
 def unregister(name: str) -> Method:

@@ -83,6 +83,10 @@ def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn,
 
   ckpt = Checkpointer(workdir)
   model = build_model(cfg, ds.train.images.shape[1:], ds.num_classes, resolve_compute(cfg))
+  # The method's state against the contract, before it is placed on a mesh or restored
+  # into: a broken one gets its own error, not a sharding's or a checkpoint's.
+  methods.check_state(method, jax.eval_shape(lambda: init_state(cfg, model, jax.random.key(0))),
+                      cfg.T)
   # On a mesh, the state is placed first and a checkpoint restored into its shardings:
   # each host then reads just its own devices' shards.
   place = lambda s: s if mesh is None else sharding.place(
@@ -93,7 +97,6 @@ def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn,
              if ckpt.latest_step() is not None else None)
     if found is None:  # prototypes come from the data for a fresh run; a resumed one restores its own
       state = place(init_state(cfg, model, key, ds.train.images, ds.train.labels))
-  methods.check_state(method, state if found is None else found[1], cfg.T)
   meta = {"step": 0, "train_seconds": 0.0, "loss_sum": 0.0, "loss_count": 0}
   if found is not None:
     ckpt_step, state, meta = found

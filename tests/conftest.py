@@ -145,13 +145,13 @@ def method_registry():
   so that later tests' choices, messages and tables list the library's methods only."""
   from noprop_jax import method as methods
 
-  before = {r.name: r for r in methods.registered()}
+  before = methods.registered()
   yield methods
-  for r in methods.registered():
-    if r.name not in before:
+  if methods.registered() != before:  # the same records, in the same order
+    for r in methods.registered():
       methods.unregister(r.name)
-    elif before[r.name] is not r:
-      methods.register(before[r.name], replace=True)
+    for r in before:
+      methods.register(r)
 
 
 @pytest.fixture

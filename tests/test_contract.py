@@ -21,7 +21,7 @@ from noprop_jax import core, trainer
 from noprop_jax.config import RunConfig, method_settings
 
 import own_method
-from conftest import library_methods
+from conftest import at_most_traced, library_methods
 
 # Importing the module registered its method; it is registered only while this module's
 # tests run (`_own_method`), so that other tests' tables and messages list the library's.
@@ -103,6 +103,27 @@ def test_the_record_describes_the_method(name):
     assert json.loads(json.dumps(own)) == own and not set(own) & TRAINER_SUMMARY
 
 
+@pytest.mark.parametrize("name, settings", [
+    ("fm", dict(embedding="learned")), ("fm", dict(embedding="prototype")),
+    ("ct", dict(embedding="learned")), ("dt", dict(embedding="prototype", classifier="radial")),
+    ("dt", dict(training="sequential"))])
+def test_the_declared_metrics_hold_for_other_settings_too(name, settings):
+  """A step's metrics may not depend on the settings: the trainer checks them against the
+  record for every run."""
+  own = {k: v for k, v in (("T", 2), ("inference_steps", 4)) if k in method_settings(name)}
+  cfg = RunConfig.create(name, block="mlp", hidden=16, depth=1, **own, **settings)
+  compute = trainer.resolve_compute(cfg)
+  model = trainer.build_model(cfg, SHAPE, M, compute)
+  state = jax.eval_shape(lambda: trainer.init_state(cfg, model, jax.random.key(0)))
+  x, y = batch()
+  record = cfg.method_record
+  if cfg.train.training == "sequential":
+    step = functools.partial(record.sequential_step, model, cfg.train.optim, compute, block=0)
+  else:
+    step = functools.partial(record.train_step, model, cfg.train.optim, compute)
+  methods.check_metrics(record, jax.eval_shape(step, state, x, y)[1])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_one_step_learns_and_inference_agrees_with_evaluation(name):
   record, cfg, compute, model, state = setting_up(name)
@@ -140,7 +161,7 @@ def test_the_step_donates_the_state(name):
 def test_two_seeds_share_one_compiled_step_and_train_differently(name):
   record, cfg, compute, model, state0 = setting_up(name)
   state1 = setting_up(name, seed=1)[4]
-  counted = chex.assert_max_traces(record.train_step, n=1)
+  counted = at_most_traced(record.train_step, n=1)
   step = jax.jit(functools.partial(counted, model, cfg.train.optim, compute))
   x, y = batch()
   a, _ = step(state0, x, y)
@@ -197,6 +218,8 @@ def _record(**kw):
     (dict(resumable=("lr",)), "not its settings"),
     (dict(epochs={"mnist": 3}), "'digits' budget"),
     (dict(init=None), "init must be a function"),
+    (dict(metrics=("block_loss", "epoch")), "names the trainer gives its own"),
+    (dict(Model=methods.get("ct").Model), "needs a Model setting T"),  # stacked, no T
 ])
 def test_a_record_that_breaks_the_contract_is_refused(change, error):
   with pytest.raises((ValueError, TypeError), match=error):
@@ -213,8 +236,13 @@ def test_registering_names_and_replacing(method_registry):
     block: object
     input_shape: tuple
     num_classes: int
+    T: int = 2
   with pytest.raises(ValueError, match="already registered"):
     methods.register(_record(name="dt", Model=Model))
+  # A copy of the library's record with another step is not the same method defined again.
+  with pytest.raises(ValueError, match="already registered"):
+    methods.register(_record(train_step=lambda *a: a))
+  assert methods.get("dt").train_step.__module__ == "noprop_jax.dt"
   assert methods.get("dt").Model.__module__ == "noprop_jax.dt"
   with pytest.raises(ValueError, match="unknown method 'nope'.*--method-module"):
     methods.get("nope")
@@ -223,6 +251,20 @@ def test_registering_names_and_replacing(method_registry):
   assert methods.unregister("contract_test_method") is again
   with pytest.raises(ValueError, match="no method named 'contract_test_method'"):
     methods.unregister("contract_test_method")
+
+
+def test_a_setting_named_like_another_concerns_is_refused(method_registry):
+  @dataclasses.dataclass(frozen=True)
+  class Model:
+    block: object
+    input_shape: tuple
+    num_classes: int
+    T: int = 2
+    seed: int = 0  # TrainConfig's: its flag would set the run's seed, not this
+
+  methods.register(_record(name="contract_clash", Model=Model))
+  with pytest.raises(ValueError, match=r"contract_clash.*\['seed'\] have the names"):
+    RunConfig.create("contract_clash")
 
 
 def test_the_trainer_refuses_a_method_whose_state_or_metrics_break_the_contract(tmp_path, digits,
