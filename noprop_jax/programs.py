@@ -127,8 +127,8 @@ def _mesh_context(mesh):
   return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
-
 EVAL_BATCH = 500  # evaluation's largest batch; smaller where it does not fit in memory
+
 
 def make_evaluator(cfg: RunConfig, model, compute: core.Compute, n: int, runs: int,
                    batch: int = EVAL_BATCH) -> Callable:

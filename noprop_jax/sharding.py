@@ -1,7 +1,7 @@
 """Device meshes: stacked blocks split on a 'blocks' axis, batches on 'data'.
 
   mesh = make_mesh("blocks=4,data=2")
-  state = jax.device_put(state, state_shardings(dt.STACKED, mesh, state))
+  state = jax.device_put(state, state_shardings(dt.METHOD.stacked, mesh, state))
   with jax.set_mesh(mesh):                      # trace the step with the mesh in context
     state, metrics = step(state, x, y)
 
@@ -72,7 +72,7 @@ def make_mesh(spec: str, devices=None) -> Mesh | None:
 
 def state_shardings(stacked: tuple[str, ...], mesh: Mesh, state: Any) -> Any:
   """A NamedSharding per leaf of `state` (arrays, shapes or tracers): the entries named in
-  `stacked` (the method's STACKED) split along 'blocks', the rest replicated."""
+  `stacked` (the method record's `stacked`) split along 'blocks', the rest replicated."""
   repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("blocks"))
   return {k: jax.tree.map(lambda _, s=(split if k in stacked else repl): s, v)
           for k, v in state.items()}

@@ -24,11 +24,6 @@ FORMAT = "noprop_jax run"  # config.json's marker: what tells our runs from othe
 OWN = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "run.lock",
        "damaged-checkpoints")
 
-# Settings that change how a step executes, not what it computes; the epoch budget; and
-# the optimizer's settings, so that a run that diverged can go on from its last good
-# checkpoint with a lower learning rate. A workdir may be resumed with others (recorded
-# in config.json's history).
-
 class WorkdirError(RuntimeError):
   """The workdir cannot be used as asked; the message says why and what to do."""
 

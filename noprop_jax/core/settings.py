@@ -57,7 +57,7 @@ class Compute:
     """Concrete settings for T blocks on `backend` (default: JAX's default backend; call
     outside traced code).
 
-    'auto' is `auto` where a method gives one (its `AUTO_FORMULATION`), else 'unroll' on
+    'auto' is `auto` where a method gives one (its record's `auto_formulation`), else 'unroll' on
     XLA:CPU, where batched (vmapped) convolutions and conv weight gradients in loops are
     slow, and 'vmap' on GPU/TPU or when the blocks are split over a mesh."""
     form = self.formulation if self.formulation != "auto" or auto is None else auto
