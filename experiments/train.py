@@ -11,9 +11,15 @@ x_test, y_test; any input shape, any number of classes). Defaults follow the pap
 Table 4; every flag overrides. Rerunning with the same --workdir resumes. --method-module
 imports a module that registers a method of your own (noprop_jax.method.register) first:
 its settings then have flags too.
+
+SIGTERM or SIGINT (Ctrl-C) stops the run cleanly after the step in flight, with a
+checkpoint of that step; a second one stops at once. Exit codes: 0 trained; 1 an error
+(one line); 2 bad flags; 75 stopped on a signal, checkpointed (rerun to resume); 130
+stopped at once by a second signal (rerun resumes from the last checkpoint).
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -75,12 +81,21 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   from noprop_jax.data import DataError
+  from noprop_jax.stopping import EXIT_STOPPED, StopNow, Stopped
   from noprop_jax.trainer import NonFiniteLossError, train
   from noprop_jax.workdir import WorkdirError
 
   try:
     s = train(cfg, args.workdir, checkpoint_every=args.checkpoint_every,
               progress=not args.no_progress)
+  except Stopped as e:  # SIGTERM, SIGINT: checkpointed at the step it stopped
+    print(e, flush=True)
+    return EXIT_STOPPED
+  except StopNow:  # a second signal: at once, not waiting for a save in flight
+    print(f"stopped at once by a second signal; the checkpoints written before it are intact: "
+          f"run the same command again to resume from the newest in {args.workdir}",
+          file=sys.stderr, flush=True)
+    os._exit(130)
   except (FileNotFoundError, DataError, WorkdirError, NonFiniteLossError, ValueError,
           MemoryError) as e:
     print(f"error: {e}", file=sys.stderr)

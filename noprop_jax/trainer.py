@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from noprop_jax import core, health, host_memory, sharding
+from noprop_jax import core, health, host_memory, sharding, stopping
 from noprop_jax import method as methods
 from noprop_jax import workdir as wd
 from noprop_jax.autotune import fit_blocks_per_step, fit_evaluator
@@ -58,6 +58,8 @@ class Run:
   start: int
   meta: dict
   held: tuple | None = None  # (step, state copy, meta) waiting to be checkpointed (`health.hold`)
+  stop_check: Callable = dataclasses.field(default_factory=stopping.Check)  # asked every step
+  stopping: str | None = None  # why the run stops (a signal, a request), once asked to
 
 
 def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn,
@@ -131,7 +133,8 @@ def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn,
 def run_epoch(run: Run, state, epoch: int, checkpoint_every: int, log_every: int,
               progress: bool, train_seconds: float):
   """Train one epoch (or its rest, when resuming). Returns (state, last metrics, mean loss,
-  seconds)."""
+  seconds, stop) where `stop` is the (step, meta) to checkpoint when a stop was asked for
+  mid-epoch (`run.stopping` says why), else None."""
   first = max(run.start, epoch * run.per_epoch)
   resumed = first == run.start
   # An explicit transfer (jnp.float32 would be an implicit one), placed like the data.
@@ -146,7 +149,7 @@ def run_epoch(run: Run, state, epoch: int, checkpoint_every: int, log_every: int
   n_train = len(run.arrays["train"][1])
   # The progress bar's accuracy: the method's block accuracy, where it reports one.
   shown = [k for k in ("block_accuracy",) if k in run.cfg.method_record.metrics]
-  order = None
+  order, stop = None, None
   for step in bar:
     if order is None or step % run.per_pass == 0:  # a new pass: its batch order
       order = batch_order(state["rng"], state["step"], n_train, run.per_pass)
@@ -169,13 +172,21 @@ def run_epoch(run: Run, state, epoch: int, checkpoint_every: int, log_every: int
     if done % checkpoint_every == 0:
       # Never save past a non-finite loss or state: check them, synchronously.
       health.check(run, loss_sum, skipped, done, state)
-    if done % checkpoint_every == 0 and done % run.per_epoch:
+    mid_epoch = done % run.per_epoch
+    if done % checkpoint_every == 0 and mid_epoch:
       health.hold(run, done, state, {"step": done, "train_seconds": train_seconds + time.perf_counter() - t0,
                                "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count})
+    # Asked at every step (on several hosts, every process must ask at every step to
+    # agree on the step). At an epoch's last step the epoch is finished first.
+    run.stopping = run.stopping or run.stop_check(done)
+    if run.stopping and mid_epoch:
+      stop = (done, {"step": done, "train_seconds": train_seconds + time.perf_counter() - t0,
+                     "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count})
+      break
   bar.close()
-  health.check(run, loss_sum, skipped, (epoch + 1) * run.per_epoch, state)  # train holds it next
+  health.check(run, loss_sum, skipped, done if stop else (epoch + 1) * run.per_epoch, state)
   epoch_loss = float(jax.device_get(loss_sum)) / max(count, 1)
-  return state, m, epoch_loss, time.perf_counter() - t0
+  return state, m, epoch_loss, time.perf_counter() - t0, stop
 
 
 def evaluate(run: Run, state, key, train_subset: bool = True) -> dict[str, Any]:
@@ -210,7 +221,9 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
           print_fn: Callable[[str], None] = print) -> dict:
   """Train `cfg` in `workdir` (resuming what is there) and return the summary.
 
-  `dataset` overrides loading cfg.data.
+  `dataset` overrides loading cfg.data. SIGTERM, SIGINT or `stopping.request()` stop the
+  run cleanly after the step in flight, checkpointed: `stopping.Stopped` is raised, and
+  calling `train` again resumes (see `noprop_jax.stopping`).
   """
   for name, v in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
     if v < 1:
@@ -219,7 +232,7 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
   # On several hosts every process trains and checkpoints; only process 0 writes files.
   primary = jax.process_index() == 0
   print_fn = print_fn if primary else (lambda _: None)
-  with wd.lock(workdir, print_fn) if primary else contextlib.nullcontext():
+  with stopping.handled(), wd.lock(workdir, print_fn) if primary else contextlib.nullcontext():
     if primary:
       wd.remove_stale_temps(workdir)
     saved = wd.read(workdir)
@@ -231,8 +244,8 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
     records = _kept_records(run, saved.records, workdir)
     if primary:  # the run has started (data read, state built, step compiled): record it
       wd.record_start(workdir, saved, cfg.to_dict(), run.start, cfg.resumable)
-      if len(records) < len(saved.records):  # epochs after the checkpoint run again
-        wd.write_records(workdir / "metrics.jsonl", records)
+      if len(records) < len(saved.records) or saved.stop:  # epochs after the checkpoint
+        wd.write_records(workdir / "metrics.jsonl", records)  # run again; a stop is over
     return _loop(run, state, workdir, records, start_epoch, checkpoint_every, log_every,
                  progress, print_fn, primary)
 
@@ -259,11 +272,14 @@ def _loop(run: Run, state, workdir: Path, records: list[dict], start_epoch: int,
     eval_keys = list(jax.random.split(eval_key, tr.epochs))  # one per epoch, on the device
     final_key = jax.random.fold_in(eval_key, 10**6)
   train_seconds = float(run.meta["train_seconds"])
+  at_once = False  # stopped by a second signal: nothing more is waited for
   try:
     for epoch in range(start_epoch, tr.epochs):
-      state, m, epoch_loss, seconds = run_epoch(run, state, epoch, checkpoint_every, log_every,
-                                                progress, train_seconds)
+      state, m, epoch_loss, seconds, stop = run_epoch(run, state, epoch, checkpoint_every,
+                                                      log_every, progress, train_seconds)
       train_seconds += seconds
+      if stop:
+        _stop(run, stop[0], state, stop[1], workdir, records, primary)
       last = _host_metrics(m)  # the epoch's last step (its keys checked in `setup`)
       record = {"epoch": epoch + 1, "step": (epoch + 1) * run.per_epoch, "train_loss": epoch_loss,
                 "seconds": seconds, **{k: last[k] for k in method.metrics}}
@@ -278,11 +294,18 @@ def _loop(run: Run, state, workdir: Path, records: list[dict], start_epoch: int,
       health.hold(run, done, state, {"step": done, "train_seconds": train_seconds,
                                      "loss_sum": 0.0, "loss_count": 0})
       print_fn(_epoch_line(record, tr.epochs, method.shown))
+      run.stopping = run.stopping or run.stop_check.at_boundary()  # e.g. during the evaluation
+      if run.stopping and epoch + 1 < tr.epochs:
+        _stop(run, done, run.held[1], run.held[2], workdir, records, primary)
     if run.held is not None:  # the final state has no next step: written as checked (finite)
       run.ckpt.save(*run.held, copy=False)
       run.held = None
+  except stopping.StopNow:
+    at_once = True  # the save in flight, if any, is left unfinished: the next run removes it
+    raise
   finally:
-    run.ckpt.close()
+    if not at_once:
+      run.ckpt.close()
   final_step = max(run.start, tr.epochs * run.per_epoch)
   if run.start > tr.epochs * run.per_epoch:
     print_fn(f"the checkpoint is at step {run.start}, past --epochs {tr.epochs} "
@@ -291,6 +314,35 @@ def _loop(run: Run, state, workdir: Path, records: list[dict], start_epoch: int,
   if primary:
     wd.write_json(workdir / "summary.json", summary)
   return summary
+
+
+def _stop(run: Run, step: int, state, meta: dict, workdir: Path, records: list[dict],
+          primary: bool) -> None:
+  """Checkpoint `state` at `step`, verify it, say in metrics.jsonl where the run stopped,
+  and raise `stopping.Stopped`.
+
+  The state is checked finite (`health.check`) but, unlike a scheduled checkpoint, not
+  held until the next step's loss is known: there is no next step. Should training
+  diverge right after it on resume, the error says so and which settings may change.
+  """
+  run.held = None  # a scheduled checkpoint of this step, held for the next: written now
+  run.ckpt.save(step, state, {**meta, **health.data_meta(run.model)}, copy=False)
+  finished = run.ckpt.finished_step()
+  if finished != step or run.ckpt.meta(step).get("step") != step:
+    raise wd.WorkdirError(f"stopping at step {step}: its checkpoint in {run.ckpt.dir} could "
+                          f"not be verified (the newest is step {finished}); rerunning resumes "
+                          "from the newest that restores")
+  epoch, into = divmod(step, run.per_epoch)
+  where = (f"epoch {epoch} done" if not into else
+           f"epoch {epoch + 1}, {into}/{run.per_epoch} steps into it")
+  if primary:
+    wd.write_records(workdir / "metrics.jsonl", records,
+                     {"stopped": run.stopping, "step": step, "epochs": step / run.per_epoch,
+                      "time": wd.now()})
+  raise stopping.Stopped(step, run.stopping,
+                         f"stopped at step {step} ({where}) on {run.stopping}: checkpoint "
+                         f"written and verified in {run.ckpt.dir}; run the same command again "
+                         "to resume from it")
 
 
 def summarize(run: Run, state, key, train_seconds: float, step: int) -> dict[str, Any]:

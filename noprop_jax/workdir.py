@@ -1,7 +1,8 @@
 """A training run's directory: its files, written so that no kill loses them, and its lock.
 
   config.json    the run's settings and the history of the settings changed on resumes
-  metrics.jsonl  one record per finished epoch
+  metrics.jsonl  one record per finished epoch; after a clean stop (`stopping`), a last
+                 line {"stopped": why, "step": N, ...} saying how far the run got
   summary.json   the final evaluation
   checkpoints/   orbax checkpoints (`checkpoint.Checkpointer`)
   run.lock       held by the process that trains; names it
@@ -54,8 +55,10 @@ def write_json(path: Path, obj: Any) -> None:
   write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_records(path: Path, records: list[dict[str, Any]]) -> None:
-  write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+def write_records(path: Path, records: list[dict[str, Any]],
+                  stop: dict[str, Any] | None = None) -> None:
+  """metrics.jsonl: the epoch records, then (a run stopped on request) where it stopped."""
+  write_atomic(path, "".join(json.dumps(r) + "\n" for r in records + ([stop] if stop else [])))
 
 
 def remove_stale_temps(workdir: Path) -> None:
@@ -91,7 +94,8 @@ class Saved:
 
   config: dict[str, Any] | None  # the settings of the last start; None for a new workdir
   history: list[dict[str, Any]]  # settings changed on resumes: {"step", "time", "changed"}
-  records: list[dict[str, Any]]  # metrics.jsonl
+  records: list[dict[str, Any]]  # metrics.jsonl's epoch records
+  stop: dict[str, Any] | None = None  # its last line, if the run stopped on request
 
 
 def read_config(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -109,11 +113,22 @@ def read_config(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                      "something else: use another --workdir")
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-  """metrics.jsonl's records, checked: epochs 1, 2, ... each once, with their step."""
+def read_records(path: Path) -> list[dict[str, Any]]:
+  """metrics.jsonl's epoch records, checked: epochs 1, 2, ... each once, with their step
+  (a stopped run's last line, saying where it stopped, is not one: `read_stop`)."""
+  return _read(path)[0]
+
+
+def read_stop(path: Path) -> dict[str, Any] | None:
+  """Where a run that stopped on request stopped (metrics.jsonl's last line), or None
+  if it did not (or has been resumed since)."""
+  return _read(path)[1]
+
+
+def _read(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
   if not path.exists():
-    return []
-  records = []
+    return [], None
+  records, stop = [], None
   for n, line in enumerate(path.read_text().splitlines(), 1):
     if not line.strip():
       continue
@@ -122,13 +137,20 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     except json.JSONDecodeError as e:
       raise WorkdirError(f"{path}, line {n}: not JSON ({e}); this tool replaces the file "
                          "whole, so something else changed it: repair or delete that line") from None
+    if stop is not None:
+      raise WorkdirError(f"{path}, line {n}: a record after the line saying where the run "
+                         "stopped; this file was changed by something else: repair it or use "
+                         "another --workdir")
+    if isinstance(r, dict) and "stopped" in r and isinstance(r.get("step"), int):
+      stop = r
+      continue
     want = len(records) + 1
     if not (isinstance(r, dict) and r.get("epoch") == want and isinstance(r.get("step"), int)):
       raise WorkdirError(f"{path}, line {n}: expected the record of epoch {want} (with its "
                          f"'epoch' and 'step'), got {line[:80]!r}; this file was not written "
                          "by this tool or was changed: repair it or use another --workdir")
     records.append(r)
-  return records
+  return records, stop
 
 
 def read(workdir: Path) -> Saved:
@@ -144,7 +166,7 @@ def read(workdir: Path) -> Saved:
                          "(no config.json): use an empty or new directory")
     return Saved(None, [], [])
   config, history = read_config(path)
-  return Saved(config, history, _read_records(workdir / "metrics.jsonl"))
+  return Saved(config, history, *_read(workdir / "metrics.jsonl"))
 
 
 def _flat(config: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +200,7 @@ def record_start(workdir: Path, saved: Saved, config: dict[str, Any], step: int,
              if saved.config is not None else None)
   if changed == {}:
     return
-  history = saved.history + ([{"step": step, "time": _now(), "changed": changed}]
+  history = saved.history + ([{"step": step, "time": now(), "changed": changed}]
                              if changed else [])
   from noprop_jax import __version__  # the package's, once it has loaded
 
@@ -186,7 +208,7 @@ def record_start(workdir: Path, saved: Saved, config: dict[str, Any], step: int,
                                        "config": config, "history": history})
 
 
-def _now() -> str:
+def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -218,7 +240,7 @@ def lock(workdir: Path, print_fn: Callable[[str], None] = print) -> Iterator[Non
     left = os.pread(fd, 4096, 0)
     if left.strip():
       print_fn(f"taking over {path} from a run that is no longer running ({_holder(fd)})")
-    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now()})
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now()})
     os.ftruncate(fd, 0)
     os.pwrite(fd, me.encode() + b"\n", 0)
     os.fsync(fd)
