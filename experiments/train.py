@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
   cli.add_flags(p)
   p.add_argument("--workdir", default="runs/default", help="checkpoints, metrics.jsonl, summary.json")
   p.add_argument("--checkpoint-every", type=positive_int, default=200, help="also checkpoint every N steps mid-epoch")
+  p.add_argument("--keep-checkpoints", type=positive_int, default=2, metavar="N",
+                 help="keep the newest N checkpoints (default 2); the disk must hold N + 1 "
+                 "while the next is written, which the run checks before it starts")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--distributed", action="store_true", help="multi-host: call "
                  "jax.distributed.initialize() first; run the same command on every host, with "
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
 
   try:
     s = train(cfg, args.workdir, checkpoint_every=args.checkpoint_every,
-              progress=not args.no_progress)
+              progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints)
   except Stopped as e:  # SIGTERM, SIGINT: checkpointed at the step it stopped
     print(e, flush=True)
     return EXIT_STOPPED

@@ -63,9 +63,9 @@ class Run:
 
 
 def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn,
-          primary: bool = True) -> tuple[Run, Any]:
-  """Check the data, build the model, restore (the newest intact checkpoint) or initialise
-  the state, compile the step."""
+          primary: bool = True, keep: int = 2) -> tuple[Run, Any]:
+  """Check the data and the disk (room for `keep` checkpoints), build the model, restore
+  (the newest intact checkpoint) or initialise the state, compile the step."""
   tr, method = cfg.train, cfg.method_record
   for split in (ds.train, ds.test):
     if split.images.shape[1:] != ds.train.images.shape[1:]:
@@ -83,12 +83,13 @@ def setup(cfg: RunConfig, workdir: Path, ds: Dataset, print_fn,
             (("train", ds.train), ("test", ds.test))}
   arrays["sub"] = sharding.place((ds.train.images[sub], ds.train.labels[sub]), on)
 
-  ckpt = Checkpointer(workdir)
+  ckpt = Checkpointer(workdir, keep, cleanup=True)  # removes a killed run's partial saves
   model = build_model(cfg, ds.train.images.shape[1:], ds.num_classes, resolve_compute(cfg))
+  abstract = jax.eval_shape(lambda: init_state(cfg, model, jax.random.key(0)))
   # The method's state against the contract, before it is placed on a mesh or restored
   # into: a broken one gets its own error, not a sharding's or a checkpoint's.
-  methods.check_state(method, jax.eval_shape(lambda: init_state(cfg, model, jax.random.key(0))),
-                      cfg.T)
+  methods.check_state(method, abstract, cfg.T)
+  ckpt.check_space(abstract)  # a full disk refused now, not at the first checkpoint
   # On a mesh, the state is placed first and a checkpoint restored into its shardings:
   # each host then reads just its own devices' shards.
   place = lambda s: s if mesh is None else sharding.place(
@@ -218,8 +219,11 @@ def _epoch_line(r: dict[str, Any], epochs: int, shown: tuple[str, ...]) -> str:
 
 def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
           checkpoint_every: int = 200, log_every: int = 10, progress: bool = True,
-          print_fn: Callable[[str], None] = print) -> dict:
+          print_fn: Callable[[str], None] = print, keep_checkpoints: int = 2) -> dict:
   """Train `cfg` in `workdir` (resuming what is there) and return the summary.
+
+  The newest `keep_checkpoints` checkpoints are kept; the run refuses to start
+  (`workdir.DiskFullError`) where the disk has no room for them.
 
   `dataset` overrides loading cfg.data. SIGTERM, SIGINT or `stopping.request()` stop the
   run cleanly after the step in flight, checkpointed: `stopping.Stopped` is raised, and
@@ -228,6 +232,8 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
   for name, v in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
     if v < 1:
       raise ValueError(f"{name} must be >= 1 (steps), got {v}")
+  if keep_checkpoints < 1:
+    raise ValueError(f"keep_checkpoints must be >= 1 (checkpoints), got {keep_checkpoints}")
   workdir = wd.prepare(workdir)
   # On several hosts every process trains and checkpoints; only process 0 writes files.
   primary = jax.process_index() == 0
@@ -239,7 +245,7 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
     if saved.config is not None:  # refuse another run's workdir before loading anything
       wd.config_changes(workdir, saved.config, cfg.to_dict(), cfg.resumable)
     ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_dir, verify=cfg.data.verify)
-    run, state = setup(cfg, workdir, ds, print_fn, primary)
+    run, state = setup(cfg, workdir, ds, print_fn, primary, keep_checkpoints)
     start_epoch = run.start // run.per_epoch
     records = _kept_records(run, saved.records, workdir)
     if primary:  # the run has started (data read, state built, step compiled): record it

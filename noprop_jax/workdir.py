@@ -33,6 +33,10 @@ class ConfigMismatchError(WorkdirError):
   pass
 
 
+class DiskFullError(WorkdirError):
+  """The workdir's filesystem has no room for a checkpoint (`checkpoint.Checkpointer`)."""
+
+
 # ----------------------------------------------------------------------------- writing files
 
 def write_atomic(path: Path, text: str) -> None:
