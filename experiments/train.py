@@ -53,9 +53,23 @@ def parser() -> argparse.ArgumentParser:
                  help="keep the newest N checkpoints (default 2); the disk must hold N + 1 "
                  "while the next is written, which the run checks before it starts")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  p.add_argument("--distributed", action="store_true", help="multi-host: call "
-                 "jax.distributed.initialize() first; run the same command on every host, with "
-                 "the same --workdir on a shared filesystem")
+  p.add_argument("--distributed", action="store_true", help="multi-host: join the other "
+                 "processes first (noprop_jax.distributed.initialize); run the same command on "
+                 "every host, with the same --workdir on a shared filesystem. Without the three "
+                 "flags below (or their JAX_* variables) JAX detects the cluster (SLURM, Open "
+                 "MPI, TPU VM). When a process is lost, the others stop with exit code 69 and "
+                 "one line naming it; rerun all to resume")
+  p.add_argument("--coordinator-address", metavar="HOST:PORT", help="multi-host: process 0's "
+                 "host and a free port (default: $JAX_COORDINATOR_ADDRESS); implies --distributed")
+  p.add_argument("--num-processes", type=positive_int, metavar="N", help="multi-host: the "
+                 "number of processes (default: $JAX_NUM_PROCESSES); implies --distributed")
+  p.add_argument("--process-id", type=int, metavar="I", help="multi-host: this process's id, "
+                 "0 to N-1, 0 where the coordinator runs (default: $JAX_PROCESS_ID); implies "
+                 "--distributed")
+  p.add_argument("--heartbeat-timeout", type=positive_int, default=60, metavar="SECONDS",
+                 help="multi-host: a process whose host vanishes without closing its "
+                 "connections counts as lost after this long (default: 60); one that dies is "
+                 "noticed within a second")
   p.add_argument("--flag-table", action="store_true", help="print the settings' markdown table and exit")
   return p
 
@@ -74,10 +88,17 @@ def main(argv=None) -> int:
   if args.flag_table:
     print(cli.flag_table())
     return 0
-  if args.distributed:
-    import jax
+  from noprop_jax import distributed  # its guard(train) below: a lost process, one line
 
-    jax.distributed.initialize()  # before anything touches a backend
+  if args.distributed or any(v is not None for v in (args.coordinator_address,
+                                                     args.num_processes, args.process_id)):
+    try:  # before anything touches a backend
+      distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                             heartbeat_timeout=args.heartbeat_timeout)
+    except distributed.DistributedError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    distributed.watch(args.workdir)
   try:
     cfg = cli.from_args(args)
   except ValueError as e:
@@ -89,8 +110,9 @@ def main(argv=None) -> int:
   from noprop_jax.workdir import WorkdirError
 
   try:
-    s = train(cfg, args.workdir, checkpoint_every=args.checkpoint_every,
-              progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints)
+    s = distributed.guard(train)(cfg, args.workdir, checkpoint_every=args.checkpoint_every,
+                                 progress=not args.no_progress,
+                                 keep_checkpoints=args.keep_checkpoints)
   except Stopped as e:  # SIGTERM, SIGINT: checkpointed at the step it stopped
     print(e, flush=True)
     return EXIT_STOPPED

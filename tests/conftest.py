@@ -255,6 +255,7 @@ def reordering_atol(ref) -> float | None:
 # in around it. So the longest (by a full run's --durations, longest first) go first; the
 # rest keep their order. A renamed test only loses its place, nothing else.
 LONGEST_FIRST = (
+    "tests/test_multihost_cli.py::test_a_lost_process",
     "tests/test_mesh.py::",
     "tests/test_own_method.py::test_it_gets_rows_in_the_comparison_and_the_benchmark",
     "tests/test_torch_reference.py::test_the_benchmark_times_both_side_by_side",

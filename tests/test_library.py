@@ -282,7 +282,8 @@ def test_every_setting_has_exactly_one_flag_and_every_flag_is_a_setting():
   # experiments/train.py: the settings' flags and its own few.
   train_flags = {a.dest: a.option_strings for a in _train_parser()._actions if a.dest != "help"}
   own = {"workdir", "checkpoint_every", "keep_checkpoints", "no_progress", "distributed",
-         "flag_table", "method_module"}
+         "coordinator_address", "num_processes", "process_id", "heartbeat_timeout", "flag_table",
+         "method_module"}
   assert own <= set(train_flags)
   assert set(train_flags) - own == settings
   for dest in settings:
