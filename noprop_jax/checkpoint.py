@@ -17,6 +17,15 @@ from noprop_jax.workdir import DiskFullError, WorkdirError
 PARTIAL = "*.orbax-checkpoint-tmp*"  # orbax's name for a step directory being written
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, leaving JAX's preemption sync point to the trainer: orbax would
+  also ask it, with checkpoint steps, and JAX's service agrees on a step after the last
+  one asked, which the trainer (asking at every step) could then never reach."""
+
+  def reached_preemption(self, step: int) -> bool:
+    return False
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints of (state, meta) under workdir/checkpoints.
 
@@ -31,7 +40,7 @@ class Checkpointer:
     self.workdir = Path(workdir)
     self.dir = (self.workdir / "checkpoints").absolute()
     self.keep = keep
-    self.manager = ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
+    self.manager = _Manager(self.dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=cleanup))
     self.size: int | None = None  # one checkpoint's bytes on disk (`checkpoint_bytes`)
     self._in_flight: int | None = None  # the step of the save not waited for yet

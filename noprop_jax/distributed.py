@@ -47,6 +47,7 @@ LEAVE_WAIT_SECONDS): failing alone, it leaves, and the others report it lost.
 """
 
 import atexit
+import contextlib
 import functools
 import os
 import selectors
@@ -55,6 +56,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from noprop_jax import stopping
 
 EXIT_LOST = 69  # the exit status after another process was lost (EX_UNAVAILABLE)
 POLL_SECONDS = 1.0  # how often the heartbeat watch asks which processes are alive
@@ -109,7 +112,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   import jax
 
   given = _settings(coordinator_address, num_processes, process_id)
-  address, n, pid = _detect(given)
+  address, n, pid = _detect(given, initialization_timeout)
   if None not in (n, pid) and not 0 <= pid < n:
     raise DistributedError(f"process id {pid} is out of range for {n} processes: give each "
                            f"process an id from 0 to {n - 1} (--process-id or JAX_PROCESS_ID)")
@@ -147,6 +150,8 @@ def guard(fn):
   def guarded(*args, **kwargs):
     try:
       return fn(*args, **kwargs)
+    except stopping.Stopped:  # a clean stop, agreed by all processes: no failure
+      raise
     except BaseException as e:
       # A failed collective may come before the watch names the lost process; an
       # interrupt (not an Exception) is no such failure, and must not wait.
@@ -158,13 +163,6 @@ def guard(fn):
       raise
 
   return guarded
-
-
-def lost_process(wait: float = 3.0) -> int | None:
-  """The id of a process that was lost, or None when none is known to be within `wait`
-  seconds (a peer's death can reach this process's collectives first)."""
-  lost = lost_processes(wait)
-  return lost[0] if lost else None
 
 
 def lost_processes(wait: float = 3.0) -> list[int]:
@@ -257,7 +255,7 @@ def _check_address(address: str, source: str) -> None:
                            "address and a free port, e.g. 10.0.0.1:1234 (process 0 runs there)")
 
 
-def _detect(given: dict) -> tuple:
+def _detect(given: dict, timeout: int) -> tuple:
   """The settings with JAX's cluster detection filling in what was not given."""
   address, n, pid = given.values()
   if None not in (address, n, pid):
@@ -266,9 +264,9 @@ def _detect(given: dict) -> tuple:
     from jax._src.clusters import ClusterEnv
 
     address, n, pid, _ = ClusterEnv.auto_detect_unset_distributed_params(
-        address, n, pid, None, None, 300)
-  except (ImportError, AttributeError):  # another JAX: its initialize detects, or says what is missing
-    pass
+        address, n, pid, None, None, timeout)
+  except (ImportError, AttributeError, TypeError):  # another JAX: its initialize detects, or
+    pass  # says what is missing
   return address, n, pid
 
 
@@ -340,6 +338,8 @@ def _open_lifeline(heartbeat: int) -> None:
     _state.client.key_value_set(_LIFELINE, str(server.getsockname()[1]))
   except Exception as e:  # the others' lifelines then fail too, and they warn
     _warn_no_lifeline(f"on {host or 'all interfaces'}", e, heartbeat)
+    with contextlib.suppress(Exception):  # so that they do not wait for a port
+      _state.client.key_value_set(_LIFELINE, "none")
     return
   threading.Thread(target=_serve, args=(server, heartbeat), name="noprop_jax.distributed lifelines",
                    daemon=True).start()

@@ -18,6 +18,8 @@ together. There JAX's own preemption service owns SIGTERM (`jax.distributed.init
 installs it): a SIGTERM to any process reaches all of them, and
 `multihost_utils.reached_preemption_sync_point` turns true on every process at the same
 step. SIGINT and `request()` are passed on to that service as a SIGTERM to this process.
+There a second SIGINT stops at once; SIGTERM always stops cleanly (every host may get one,
+at slightly different times, as when SLURM signals all tasks), and SIGKILL at once.
 """
 
 import contextlib
@@ -34,16 +36,15 @@ class StopNow(KeyboardInterrupt):
 
 
 class Stopped(Exception):
-  """The run stopped on request at `step`, with a verified checkpoint of that step
-  (`step` is None when it stopped before training a step: the last checkpoint, if any,
-  is where it resumes). Running it again resumes."""
+  """The run stopped on request at `step`, with a verified checkpoint of that step.
+  Running it again resumes."""
 
-  def __init__(self, step: int | None, reason: str, message: str):
+  def __init__(self, step: int, reason: str, message: str):
     super().__init__(message)
     self.step, self.reason = step, reason
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered when a signal lands while `request` holds it
 _reason: str | None = None  # why a stop was asked for; None while none is
 _count = 0  # signals received while handled: the second stops at once
 
@@ -76,9 +77,12 @@ def clear() -> None:
 def multi_host() -> bool:
   """Whether this process is one of several joined by `jax.distributed` with JAX's
   preemption service running (then that service decides when all stop)."""
-  from jax._src import distributed  # only a module attribute: no backend starts
+  try:  # only a module attribute (what multihost_utils itself reads): no backend starts
+    from jax._src import distributed
 
-  return distributed.global_state.preemption_sync_manager is not None
+    return distributed.global_state.preemption_sync_manager is not None
+  except (ImportError, AttributeError):  # another JAX: as on one host
+    return False
 
 
 class Check:
@@ -90,7 +94,6 @@ class Check:
 
   def __init__(self):
     self.multi = multi_host()
-    self.agreed: int | None = None  # the step all processes stop at, once known
 
   def __call__(self, step: int) -> str | None:
     if not self.multi:
@@ -98,9 +101,7 @@ class Check:
     from jax.experimental import multihost_utils
 
     if multihost_utils.reached_preemption_sync_point(step):
-      self.agreed = step
-      _after_sync_point()
-      return _reason or "SIGTERM"
+      return _reason or "SIGTERM to one of the processes"
     return None
 
   def at_boundary(self) -> str | None:
@@ -121,15 +122,6 @@ def _handler(signum, frame):
   request(_signal_name(signum))
 
 
-def _after_sync_point() -> None:
-  """Once all hosts agreed to stop, JAX's notifier no longer listens: from now on a
-  SIGTERM is ours, and stops at once (it is the second)."""
-  global _count
-  _count = max(_count, 1)
-  if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, _handler)
-
-
 @contextlib.contextmanager
 def handled() -> Iterator[None]:
   """While inside, SIGTERM and SIGINT ask for a clean stop (the second stops at once);
@@ -147,8 +139,14 @@ def handled() -> Iterator[None]:
   try:
     yield
   finally:
-    for s in signums:
-      signal.signal(s, before[s])
-    if signal.getsignal(signal.SIGTERM) is _handler:  # set at a sync point
-      signal.signal(signal.SIGTERM, before[signal.SIGTERM])
-    clear()
+    # Held back while the handlers are put back (a signal now would find half of them
+    # ours), then delivered to the previous ones.
+    block = getattr(signal, "pthread_sigmask", None)
+    held = block(signal.SIG_BLOCK, signums) if block else None
+    try:
+      for s in signums:
+        signal.signal(s, before[s])
+      clear()
+    finally:
+      if block:
+        block(signal.SIG_SETMASK, held)

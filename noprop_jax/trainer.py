@@ -36,6 +36,9 @@ __all__ = ["NonFiniteLossError", "Run", "batch_order", "build_model", "evaluate"
            "setup", "summarize", "train"]
 
 TRAIN_EVAL_SIZE = 10_000  # train_accuracy is measured on a fixed subset of this many
+# Checkpointers of runs stopped at once (`stopping.StopNow`) with a save still in flight:
+# the next run in this process (a notebook's) waits for it before touching the checkpoints.
+_ABANDONED: list[Checkpointer] = []
 
 
 @dataclasses.dataclass
@@ -238,7 +241,10 @@ def train(cfg: RunConfig, workdir: str | Path, dataset: Dataset | None = None,
   # On several hosts every process trains and checkpoints; only process 0 writes files.
   primary = jax.process_index() == 0
   print_fn = print_fn if primary else (lambda _: None)
-  with stopping.handled(), wd.lock(workdir, print_fn) if primary else contextlib.nullcontext():
+  with (stopping.handled(), wd.lock(workdir, print_fn) if primary else contextlib.nullcontext()):
+    while _ABANDONED:  # their saves finish (or fail: that earlier run's) before this run starts
+      with contextlib.suppress(Exception):
+        _ABANDONED.pop().close()
     if primary:
       wd.remove_stale_temps(workdir)
     saved = wd.read(workdir)
@@ -307,7 +313,8 @@ def _loop(run: Run, state, workdir: Path, records: list[dict], start_epoch: int,
       run.ckpt.save(*run.held, copy=False)
       run.held = None
   except stopping.StopNow:
-    at_once = True  # the save in flight, if any, is left unfinished: the next run removes it
+    at_once = True  # the save in flight, if any, is not waited for (the next run does)
+    _ABANDONED.append(run.ckpt)
     raise
   finally:
     if not at_once:
