@@ -262,7 +262,7 @@ def read_runs(out_dir: str | Path) -> dict[str, list[Run]]:
     cfg = flat_config(run_files.read_config(cfg_path)[0])
     summ = d / "summary.json"
     mpath = d / "metrics.jsonl"
-    metrics = [json.loads(l) for l in mpath.read_text().splitlines() if l.strip()] if mpath.exists() else []
+    metrics = run_files.read_records(mpath)  # the epochs' (not a stopped run's last line)
     # Settings left at their defaults are absent: one-hot (always, for the adjoint).
     rid = row_id(cfg["dataset"], cfg["method"], cfg.get("embedding", "onehot"),
                  cfg.get("embedding_dim", 0))

@@ -14,11 +14,13 @@ its settings then have flags too.
 
 SIGTERM or SIGINT (Ctrl-C) stops the run cleanly after the step in flight, with a
 checkpoint of that step; a second one stops at once. Exit codes: 0 trained; 1 an error
-(one line); 2 bad flags; 75 stopped on a signal, checkpointed (rerun to resume); 130
-stopped at once by a second signal (rerun resumes from the last checkpoint).
+(one line); 2 bad flags, or the other hosts cannot be joined; 69 another host's process
+was lost (rerun every host to resume); 75 stopped on a signal, checkpointed (rerun to
+resume); 130 stopped at once by a second signal (rerun resumes from the last checkpoint).
 """
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -117,6 +119,7 @@ def main(argv=None) -> int:
     print(e, flush=True)
     return EXIT_STOPPED
   except StopNow:  # a second signal: at once, not waiting for a save in flight
+    sys.stdout.flush()
     print(f"stopped at once by a second signal; the checkpoints written before it are intact: "
           f"run the same command again to resume from the newest in {args.workdir}",
           file=sys.stderr, flush=True)
@@ -126,7 +129,10 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   except OSError as e:  # the disk: full, gone, read-only (the workdir's own checks come first)
-    print(f"error: {e.strerror or e} ({e.filename or args.workdir})", file=sys.stderr)
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    print(f"error: {e.strerror or e} ({e.filename or args.workdir})"
+          + ("; free space there (or use another --workdir), then rerun the same command to "
+             "resume from the last checkpoint" if full else ""), file=sys.stderr)
     return 1
   print(f"test accuracy {s['test_accuracy']:.4f} ({s['inference']}; mean path "
         f"{s['test_accuracy_mean_path']:.4f}, stochastic {s['test_accuracy_stochastic']:.4f} "

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from noprop_jax import disk
@@ -49,12 +50,17 @@ class Checkpointer:
 
   def check_space(self, state: Any) -> None:
     """Refuse to start (DiskFullError) unless the filesystem has room for the checkpoints
-    of `state` (arrays or shapes) that this run writes (`needed`). Every process checks
-    (the shared filesystem), so that all refuse alike."""
+    of `state` (arrays or shapes) that this run writes (`needed`). On several hosts
+    process 0 measures (once its cleanup of partial checkpoints is done) and all decide
+    by its figures, so that all refuse alike."""
     self.size = disk.checkpoint_bytes(state)
     # The space of a killed run's partial checkpoints counts: wait for their removal.
     getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
     need, free = self.needed(self.keep), disk.free_bytes(self.dir)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      free = int(multihost_utils.broadcast_one_to_all(np.float64(free) / 2**20) * 2**20)
     if need <= free:
       return
     have = len(self.manager.all_steps())
@@ -198,7 +204,7 @@ class Checkpointer:
               if last is not None else "no checkpoint was written before it: free space there "
               f"(starting again needs {disk.human(need)}), then rerun the same command")
     return DiskFullError(
-        f"disk full: the checkpoint of step {step if step is not None else '?'} could not be "
+        f"disk full: the checkpoint {f'of step {step}' if step is not None else 'in flight'} could not be "
         f"written to {self.dir} (filesystem mounted at {disk.mount_point(self.dir)}: "
         f"{disk.human(disk.free_bytes(self.dir))} free now, a checkpoint needs "
         f"{disk.human(self.size)}); its "

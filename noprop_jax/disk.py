@@ -36,8 +36,8 @@ def free_bytes(path: Path) -> int:
 
 def checkpoint_bytes(state: Any) -> int:
   """One checkpoint's size on disk, from the state (arrays or shapes): each global array
-  once, as orbax writes it (a key as its key data), plus its metadata. An upper bound:
-  orbax compresses, by a few per cent on trained float weights."""
+  once, as orbax writes it (a key as its key data), plus its metadata. Close, and rather
+  over than under: orbax compresses trained float weights by a few per cent."""
   is_key = lambda a: jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
   raw = lambda s: jax.tree.map(lambda a: jax.random.key_data(a) if is_key(a) else a, s)
   leaves = jax.tree.leaves(jax.eval_shape(raw, state))
@@ -89,7 +89,8 @@ def _full_text(text: str) -> bool:
 # "Event loop is closed" traceback per tensorstore write still in flight (orbax closes the
 # writes' event loop as soon as one fails; the others' callbacks then find it closed).
 # For a full disk, the DiskFullError raised at the wait says it once: while a Checkpointer
-# is writing, these reports of it (and nothing else) are dropped. Nothing changes at import.
+# is writing, log records about a full disk and the "Event loop is closed" reports of
+# orbax's writes are dropped; nothing else. Nothing changes at import.
 
 class _DropDiskFull(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:

@@ -27,7 +27,8 @@ def _fake_run(out: Path, row: reproduce.Row, seed: int, mean_path: float | None,
   d.mkdir(parents=True)
   (d / "config.json").write_text(json.dumps(cfg.to_dict()))
   (d / "metrics.jsonl").write_text("".join(
-      json.dumps({"epoch": e + 1, "seconds": s, "train_loss": 1.0, "test_accuracy": a}) + "\n"
+      json.dumps({"epoch": e + 1, "step": 10 * (e + 1), "seconds": s, "train_loss": 1.0,
+                  "test_accuracy": a}) + "\n"
       for e, (s, a) in enumerate(zip(seconds, accs))))
   if mean_path is not None:
     (d / "summary.json").write_text(json.dumps({
