@@ -154,6 +154,9 @@ def run_epoch(run: Run, state, epoch: int, checkpoint_every: int, log_every: int
   # The progress bar's accuracy: the method's block accuracy, where it reports one.
   shown = [k for k in ("block_accuracy",) if k in run.cfg.method_record.metrics]
   order, stop = None, None
+  # What a mid-epoch checkpoint saves beside the state, to resume the epoch's loss exactly.
+  meta = lambda done: {"step": done, "train_seconds": train_seconds + time.perf_counter() - t0,
+                       "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count}
   for step in bar:
     if order is None or step % run.per_pass == 0:  # a new pass: its batch order
       order = batch_order(state["rng"], state["step"], n_train, run.per_pass)
@@ -178,14 +181,12 @@ def run_epoch(run: Run, state, epoch: int, checkpoint_every: int, log_every: int
       health.check(run, loss_sum, skipped, done, state)
     mid_epoch = done % run.per_epoch
     if done % checkpoint_every == 0 and mid_epoch:
-      health.hold(run, done, state, {"step": done, "train_seconds": train_seconds + time.perf_counter() - t0,
-                               "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count})
+      health.hold(run, done, state, meta(done))
     # Asked at every step (on several hosts, every process must ask at every step to
     # agree on the step). At an epoch's last step the epoch is finished first.
     run.stopping = run.stopping or run.stop_check(done)
     if run.stopping and mid_epoch:
-      stop = (done, {"step": done, "train_seconds": train_seconds + time.perf_counter() - t0,
-                     "loss_sum": float(jax.device_get(loss_sum)), "loss_count": count})
+      stop = (done, meta(done))
       break
   bar.close()
   health.check(run, loss_sum, skipped, done if stop else (epoch + 1) * run.per_epoch, state)
