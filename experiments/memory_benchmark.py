@@ -57,7 +57,8 @@ def through_the_solve_step(model, optim, compute, state, x, y):
     value, metrics = adjoint.loss(model, params, x, y, key, solve=solvers.euler)
     return value, (metrics, {})
 
-  state, value, m = core.gradient_step(objective, adjoint.optimizer(optim), state, x, y)
+  state, value, m = core.gradient_step(objective, adjoint.optimizer(optim), state, x, y,
+                                        model.num_classes)
   return state, {"loss": value, "rate": jnp.exp(state["params"]["log_rate"]), **m}
 
 
