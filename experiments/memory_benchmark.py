@@ -16,7 +16,9 @@ NoProp-DT appears in each formulation: 'scan' trains the blocks one after
 another inside the step (the memory of one block), 'vmap' and 'unroll' all at
 once; 'one block per step' is the paper's Algorithm 1. The adjoint is compiled
 at several numbers of solver steps beside back-propagation through the same
-solve, to show which one is flat.
+solve, to show which one is flat. Back-propagation also appears rematerialised
+per block (jax.checkpoint: each block's activations recomputed in the backward
+pass), the fair memory baseline for local learning.
 """
 
 import argparse
@@ -65,7 +67,12 @@ def through_the_solve_step(model, optim, compute, state, x, y):
 def cases(dataset: str, batch: int, adjoint_steps: list[int]) -> dict[str, tuple[RunConfig, Step]]:
   """name -> (config, step function (model, optim, compute, state, x, y) -> (state, metrics))."""
   base = dict(dataset=dataset, batch_size=batch)
-  out = {"backprop": (RunConfig.create("backprop", **base), backprop.train_step)}
+  out = {"backprop": (RunConfig.create("backprop", **base), backprop.train_step),
+         # The fair baseline for local learning: activations recomputed block by block
+         # (on a lax.scan chain: XLA:CPU schedules an unrolled one no lower).
+         "backprop, rematerialised per block": (
+             RunConfig.create("backprop", remat=True, formulation="scan", **base),
+             backprop.train_step)}
   for form in ("scan", "unroll", "vmap"):
     out[f"dt/{form}"] = (RunConfig.create("dt", formulation=form, **base), dt.train_step)
   out["dt/one block per step"] = (RunConfig.create("dt", training="sequential", **base),

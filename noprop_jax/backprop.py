@@ -36,6 +36,9 @@ class Model:
   T: int = setting(10, "number of chained blocks")
   embedding: str = setting("onehot", "class embedding: onehot | learned | prototype")
   embedding_dim: int = setting(0, "d; 0: m (onehot), the input size (prototype), 20 (learned)")
+  remat: bool = setting(False, "recompute each block's activations in the backward pass "
+                        "(jax.checkpoint per block): same step, more compute, less memory "
+                        "(on XLA:CPU with --formulation scan)")
 
   def __post_init__(self):
     object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -87,6 +90,8 @@ def forward(model: Model, compute: Compute, params: dict, stats: dict, x: jax.Ar
                                  rng=k if train else None)
     return core.chain_link(z, alpha, logits, W), updates
 
+  if model.remat:  # the fair memory baseline: only each block's input z is kept for the backward
+    step = jax.checkpoint(step)
   xs = ({**stats, "params": params["blocks"]}, jnp.tanh(params["w"]), keys)
   zT_BD, updates = core.fold_blocks(step, z0, xs, compute)
   return core.head_logits(params["head"], zT_BD), updates
@@ -163,4 +168,4 @@ METHOD = Method(
     eval_counts=eval_counts, predict=predict, num_block_params=num_block_params,
     block_calls=block_calls, describe=describe, time_conditioned=TIME_CONDITIONED,
     epochs=budgets(digits=12, mnist=100, cifar10=150, cifar100=150),
-    metrics=("ce", "accuracy", "block_accuracy", "alpha"))
+    metrics=("ce", "accuracy", "block_accuracy", "alpha"), resumable=("remat",))

@@ -104,3 +104,16 @@ def test_inference_benchmark_whole_block_impls_match_the_library(capsys):
   assert row["speedup_vs_per_step"] == pytest.approx(ms["per_step"] / ms["hoisted"])
   assert row["speedup_vs_naive"] == pytest.approx(ms["naive"] / ms["hoisted"])
   assert 0 < sum(16 * v / 1e3 for v in ms.values()) < elapsed, (ms, elapsed)
+
+
+def test_memory_benchmark_has_the_rematerialised_backprop_row_and_every_backprop_case_runs(capsys):
+  import memory_benchmark
+
+  memory_benchmark.main(["--dataset", "digits", "--batch-size", "16", "--methods", "backprop",
+                         "--adjoint-steps", "2", "--json"])
+  rows = {r["case"]: r for r in (json.loads(l) for l in capsys.readouterr().out.splitlines()
+                                 if l.startswith("{"))}
+  assert set(rows) == {"backprop", "backprop, rematerialised per block",
+                       "backprop through the solve/2 steps"}, rows
+  assert rows["backprop"]["ratio_to_backprop"] == 1.0
+  assert all(r["temp"] > 0 for r in rows.values()), rows
