@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--heartbeat-timeout", type=positive_int, default=60, metavar="SECONDS",
                  help="multi-host: a process whose host vanishes without closing its "
                  "connections counts as lost after this long (default: 60); one that dies is "
-                 "noticed within a second")
+                 "noticed as soon as its connections close")
   p.add_argument("--flag-table", action="store_true", help="print the settings' markdown table and exit")
   return p
 

@@ -17,8 +17,8 @@ others survive the loss, and watches the processes two ways:
   - a lifeline: every process keeps a TCP connection open to process 0 (a port of its
     own, on the coordinator's host, published through the coordination service). A
     process that dies (killed, crashed, exited) closes it at once; process 0 tells the
-    others, and they stop within a second (0.05 to 0.15 s from a kill -9 to the others'
-    exit, measured on one machine). TCP keepalive probes close it about
+    others, and they stop then (tests/test_multihost_cli.py bounds it at 30 s from a
+    kill -9). TCP keepalive probes close it about
     `heartbeat_timeout` seconds after a host goes silent.
   - the coordination service's heartbeats: a process that stops sending them (frozen, or
     its host lost from the network) counts as dead after `heartbeat_timeout` seconds
