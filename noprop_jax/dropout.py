@@ -74,8 +74,22 @@ def keep_mask(key: jax.Array, keep: float, shape: tuple[int, ...]) -> jax.Array:
   compilers already fuse. The same bits either way; the form is picked when the program
   is lowered for its platform."""
   return lax.platform_dependent(
-      key, cpu=lambda k: lax.optimization_barrier(bernoulli(k, keep, shape)),
+      key, cpu=lambda k: _materialised(lambda: bernoulli(k, keep, shape), k),
       default=lambda k: jax.random.bernoulli(k, keep, shape))
+
+
+def _materialised(make, key: jax.Array) -> jax.Array:
+  """`make()`, computed once into its own buffer on XLA:CPU.
+
+  XLA fuses an elementwise producer into each of its consumers, recomputing it there; the
+  hash is cheap by XLA's measure (integer adds, shifts and xors) but 20 rounds per element,
+  and a mask feeds many consumers (each of the next convolution's k*k patch slices, the
+  ReLU's and dropout's gradients). An `optimization_barrier` does not stop this (XLA:CPU
+  removes barriers before fusion); a conditional's result is always its own buffer, so the
+  mask is made inside one whose predicate is true but not known to the compiler."""
+  k = jax.random.key_data(key)
+  always = (k.reshape(-1)[0] >> np.uint32(31)) < np.uint32(2)
+  return lax.cond(always, make, lambda: jnp.zeros(jax.eval_shape(make).shape, bool))
 
 
 class Dropout(nn.Module):

@@ -47,3 +47,29 @@ def test_dropout_is_flax_dropout_in_value_and_gradient(rate):
   np.testing.assert_array_equal(grad(dropout.Dropout), grad(nn.Dropout))
   if 0.0 < rate < 1.0:  # and it drops about `rate` of the elements
     assert abs(float(jnp.mean(out(dropout.Dropout, x) == 0)) - rate) < 0.01
+
+
+def _fusions_hashing(compiled_text: str, batch: int) -> int:
+  """Fused computations of a compiled XLA:CPU program that run threefry's rotations over
+  arrays of `batch` examples (the keys' own scalar hashes not counted)."""
+  return sum("shift-left" in c and f"[{batch}," in c.split("\n")[0]
+             for c in compiled_text.split("\n\n") if c.startswith("%fused"))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the XLA:CPU form of the mask")
+def test_the_mask_is_hashed_once_however_many_consumers_read_it():
+  # A dropout output read by the next convolution's 9 patch slices and by its own
+  # gradient: XLA fuses an elementwise producer into every consumer, so without the
+  # mask in a buffer of its own the 20-round hash ran ~10 times per element.
+  from noprop_jax.conv import im2col
+
+  def f(a, w, key):
+    h = dropout.Dropout(0.2).apply({}, jax.nn.relu(a), deterministic=False,
+                                   rngs={"dropout": key})
+    p = im2col(h)
+    return jnp.sum((p.reshape(-1, p.shape[-1]) @ w) ** 2)
+
+  a = jax.random.normal(jax.random.key(0), (8, 13, 13, 32))
+  w = jax.random.normal(jax.random.key(1), (288, 64))
+  step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+  assert _fusions_hashing(step.lower(a, w, jax.random.key(2)).compile().as_text(), 8) == 1
