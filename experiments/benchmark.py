@@ -11,8 +11,11 @@ unrolled) scanned over the T / k chunks of the step, for every proper divisor k
 of T (k = 1: a scan); one block per step (the paper's Algorithm 1); the
 back-propagation baseline; and the auto default (the row it resolves to).
 Case keys for --cases (a key or its prefix): vmap, unroll, chunks<k>-vmap,
-chunks<k>-unroll, chunks1-scan (alias scan), algorithm1, backprop, auto;
-'chunks' selects every chunk row.
+chunks<k>-unroll, chunks1-scan (alias scan), algorithm1, backprop, backprop-remat
+(back-propagation with each block rematerialised), auto; 'chunks' selects every chunk
+row, 'backprop' both back-propagation rows. With auto and other parallel rows, a line
+says which formulation auto picked, which row was fastest, and whether auto is within
+10% of it (the rule `auto` must meet on every backend).
 
 Each step is compiled ahead of time (compile s = lower + compile) and the
 compiled step is timed: one warm-up step, then --repeats steps (Algorithm 1:
@@ -56,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import results
 from noprop_jax import cli, core, dt, host_memory, trainer
 from noprop_jax import method as methods
 from noprop_jax.config import RunConfig, method_settings
@@ -87,6 +91,11 @@ def cases(args) -> dict[str, tuple[str, str, RunConfig]]:
   out["algorithm1"] = ("one block per step (Algorithm 1)", "algorithm1", dt_cfg(training="sequential"))
   bp_label = "backprop" + (" (float32)" if args.precision != "float32" else "")
   out["backprop"] = (bp_label, "backprop", RunConfig.create("backprop", **base))
+  # The fair baseline for memory: each block's activations recomputed in the backward pass,
+  # on a lax.scan chain (XLA:CPU schedules an unrolled one no lower; on GPU/TPU the chain
+  # is a scan anyway).
+  out["backprop-remat"] = (bp_label.replace("backprop", "backprop, remat per block"), "backprop",
+                           RunConfig.create("backprop", remat=True, formulation="scan", **base))
   for name in args.methods:
     m = methods.get(name)
     own = {"T": T} if "T" in method_settings(name) else {}
@@ -116,10 +125,12 @@ def build(cfg: RunConfig):
 
 def resolved(kind: str, cfg: RunConfig) -> str:
   """What the auto settings resolve to: formulation/blocks per step/conv impl (backprop:
-  'chain', its blocks folded one after another: unrolled on XLA:CPU, else a scan)."""
+  'chain-unroll' or 'chain-scan', its blocks folded one after another: unrolled on
+  XLA:CPU by default, else a scan)."""
   compute, model = build(cfg)
   k = 1 if kind == "algorithm1" else compute.blocks_per_step
-  form = "chain" if kind == "backprop" else compute.formulation
+  form = (f"chain-{'unroll' if compute.formulation == 'unroll' else 'scan'}" if kind == "backprop"
+          else compute.formulation)
   return f"{form}/{k}/{getattr(model.block, 'conv_impl', 'n/a')}"
 
 
@@ -134,16 +145,27 @@ def data(cfg: RunConfig):
 
 # ----------------------------------------------------------------------------- measurements
 
-def timed(fn, state, *args, n: int) -> tuple[float, object]:
-  """(median seconds per call, final state) of `fn(state, *args) -> (state, out)`:
-  one warm-up call, then n calls, each waited for."""
+def timings(fn, state, *args, n: int) -> tuple[list[float], object]:
+  """(seconds of each call, final state) of `fn(state, *args) -> (state, out)`: one
+  warm-up call, then n calls, each waited for."""
   state, out = jax.block_until_ready(fn(state, *args))
   times = []
   for _ in range(n):
     t0 = time.perf_counter()
     state, out = jax.block_until_ready(fn(state, *args))
     times.append(time.perf_counter() - t0)
+  return times, state
+
+
+def timed(fn, state, *args, n: int) -> tuple[float, object]:
+  """(median seconds per call, final state): `timings`' median."""
+  times, state = timings(fn, state, *args, n=n)
   return statistics.median(times), state
+
+
+def spread(times: list[float]) -> dict:
+  """min / median / max seconds of the timed calls."""
+  return {"s_min": min(times), "s_median": statistics.median(times), "s_max": max(times)}
 
 
 def xla_memory(compiled) -> tuple[int | None, int | None]:
@@ -228,7 +250,8 @@ def train_row(key: str, kind: str, cfg: RunConfig, repeats: int) -> dict:
   t0 = time.perf_counter()
   compiled = step.lower(state, x, y).compile()
   compile_s = time.perf_counter() - t0
-  s_per_step, state = timed(compiled, state, x, y, n=repeats * (T if kind == "algorithm1" else 1))
+  times, state = timings(compiled, state, x, y, n=repeats * (T if kind == "algorithm1" else 1))
+  s_per_step = statistics.median(times)
   temp, peak = xla_memory(compiled)
   # Loops that hold block work (XLA counts their body once): chunks of k < T blocks,
   # and backprop's chain of blocks, a lax.scan unless unrolled (XLA:CPU).
@@ -239,7 +262,7 @@ def train_row(key: str, kind: str, cfg: RunConfig, repeats: int) -> dict:
           "compile_s": compile_s, "s_per_step": s_per_step, "timed_steps": repeats * (
               T if kind == "algorithm1" else 1),
           "xla_temp_bytes": temp, "xla_peak_bytes": peak, "device_peak_bytes": device_peak(),
-          "flops_xla": arithmetic_flops(kind, cfg), "looped": looped}
+          "flops_xla": arithmetic_flops(kind, cfg), "looped": looped, **spread(times)}
 
 
 def inference_rows(args) -> list[dict]:
@@ -263,8 +286,9 @@ def inference_rows(args) -> list[dict]:
     t0 = time.perf_counter()
     compiled = jax.jit(predict).lower(state, x).compile()
     compile_s = time.perf_counter() - t0
-    s, _ = timed(lambda st, x: (st, compiled(st, x)), state, x, n=args.repeats)
-    rows.append({"table": "inference", "case": key, "name": label, "solver_steps": steps,
+    times, _ = timings(lambda st, x: (st, compiled(st, x)), state, x, n=args.repeats)
+    s = statistics.median(times)
+    rows.append({"table": "inference", "case": key, "name": label, "solver_steps": steps, **spread(times),
                  "compile_s": compile_s, "s_per_batch": s, "ms_per_batch": 1e3 * s,
                  "examples_per_s": args.batch_size / s, "ms_per_solver_step": 1e3 * s / steps,
                  "batch_size": args.batch_size})
@@ -337,7 +361,8 @@ def torch_rows(args, specs) -> list[dict]:
   for item in ours:
     j, t = (statistics.median(times[side, item]) for side in ("jax", "torch"))
     rows.append({"table": "torch", "case": item, "resolved": ours[item][4], "jax_s": j,
-                 "torch_s": t, "speedup": t / j, "flops_jax": ours[item][3], "threads": threads,
+                 "torch_s": t, "speedup": t / j, **{f"{side}_s_{q}": f(times[side, item])
+                 for side in ("jax", "torch") for q, f in (("min", min), ("max", max))}, "flops_jax": ours[item][3], "threads": threads,
                  "torch_version": torch_version, "timed_calls": len(times["jax", item]),
                  "host_memory": host_memory.status})
   return rows
@@ -415,6 +440,32 @@ def derive(rows: list[dict], specs, info: dict, args) -> None:
 
 
 # ----------------------------------------------------------------------------- table
+
+AUTO_TOLERANCE = 0.10  # auto's step may take at most this much longer than the fastest row's
+
+
+def auto_check(rows: list[dict]) -> dict | None:
+  """Auto against the fastest parallel row measured, auto's own included (a row that
+  failed, e.g. out of memory, does not count): {'picked', 'fastest', the ratio of their
+  step times 'auto_over_fastest' (>= 1), 'within'}; None without auto and another
+  parallel row."""
+  par = [r for r in rows if r.get("kind") == "parallel" and "error" not in r]
+  auto = next((r for r in par if r["case"] == "auto"), None)
+  if auto is None or len(par) < 2:
+    return None
+  fastest = min(par, key=lambda r: r["s_per_step"])  # auto itself, where it was
+  ratio = auto["s_per_step"] / fastest["s_per_step"]
+  return {"table": "auto", "picked": auto["resolved"], "fastest": fastest["case"],
+          "fastest_resolved": fastest["resolved"], "auto_over_fastest": ratio,
+          "within": ratio <= 1 + AUTO_TOLERANCE, "tolerance": AUTO_TOLERANCE}
+
+
+def auto_line(check: dict) -> str:
+  return (f"auto picked {check['picked']}; the fastest row was {check['fastest']} "
+          f"({check['fastest_resolved']}); auto's step took {check['auto_over_fastest']:.2f}x "
+          f"its time: {'within' if check['within'] else 'NOT within'} "
+          f"{check['tolerance']:.0%} of the fastest")
+
 
 def fmt(v, spec: str, width: int, na: str = "n/a") -> str:
   return f"{na:>{width}}" if v is None else f"{v:>{width}{spec}}"
@@ -533,6 +584,8 @@ def main(argv=None) -> int:
   p.add_argument("--skip-inference", action="store_true")
   p.add_argument("--inference-steps", type=int, default=100, help="CT/FM Euler steps (paper: 1000)")
   p.add_argument("--json", action="store_true", help="also print one JSON object per row")
+  p.add_argument("--out", type=Path, default=None, help="write the rows to this results file "
+                 "(JSON: command, date, machine, versions, settings)")
   p.add_argument("--matmul-size", type=int, default=None, help="default 4096 (GPU/TPU), 2048 (CPU)")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
   p.add_argument("--rounds", type=int, default=2, help="PyTorch comparison: alternating rounds")
@@ -578,6 +631,9 @@ def main(argv=None) -> int:
     rows[-1]["name"] = f"auto (= {form}/{k})"  # auto is the last case
   derive(rows, specs, info, args)
   print(train_table(rows, info, args))
+  check = auto_check(rows)
+  if check:
+    print(auto_line(check))
   inf = [] if args.skip_inference else run("inference")
   for r in inf:
     r.update(backend=info["backend"], device_kind=info["device_kind"], dataset=args.dataset,
@@ -598,9 +654,15 @@ def main(argv=None) -> int:
       vs_torch = run("torch")
       print()
       print(torch_table(vs_torch, info, args))
+  everything = rows + ([check] if check else []) + inf + vs_torch
   if args.json:
-    for r in rows + inf + vs_torch:
+    for r in everything:
       print(json.dumps(r))
+  if args.out:
+    results.write(args.out, __file__, argv, everything,
+                  {k: v for k, v in vars(args).items() if k not in ("case", "isolate", "out", "json")},
+                  info["backend"], info["device_kind"], matmul_peak_flops_per_s=info["matmul_flops_per_s"])
+    print(f"\nresults: {args.out}")
   return 0
 
 
