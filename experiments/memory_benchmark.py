@@ -18,18 +18,24 @@ once; 'one block per step' is the paper's Algorithm 1. The adjoint is compiled
 at several numbers of solver steps beside back-propagation through the same
 solve, to show which one is flat. Back-propagation also appears rematerialised
 per block (jax.checkpoint: each block's activations recomputed in the backward
-pass), the fair memory baseline for local learning.
+pass), the fair memory baseline for local learning: every case's ratio to it is printed
+beside its ratio to plain back-propagation, and both back-propagation steps are timed
+(alternately, --time-repeats each) for rematerialisation's cost in step time.
 """
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+import results
 from noprop_jax import adjoint, backprop, core, dt, host_memory, solvers, trainer
 from noprop_jax import method as methods
 from noprop_jax.config import RunConfig
@@ -140,6 +146,31 @@ def _fresh_process_peak(args, name: str) -> int | None:
   return json.loads(out.splitlines()[-1])["device_peak"]
 
 
+REMAT = "backprop, rematerialised per block"
+
+
+def step_times(all_cases: dict, names: list[str], repeats: int) -> dict[str, list[float]]:
+  """Seconds of `repeats` steps of each case, timed alternately (one step of each in
+  turn, each waited for) after a warm-up step: a shared machine's drift hits both alike."""
+  runs = {}
+  for name in names:
+    cfg, step = all_cases[name]
+    model, fn = _build(cfg, step)
+    state = trainer.init_state(cfg, model, jax.random.key(0))
+    x = jnp.zeros((cfg.train.batch_size, *model.input_shape), jnp.uint8)
+    y = jnp.zeros((cfg.train.batch_size,), jnp.int32)
+    compiled = fn.lower(state, x, y).compile()
+    state, _ = jax.block_until_ready(compiled(state, x, y))
+    runs[name] = [compiled, state, x, y, []]
+  for _ in range(repeats):
+    for run in runs.values():
+      compiled, state, x, y, times = run
+      t0 = time.perf_counter()
+      run[1], _ = jax.block_until_ready(compiled(state, x, y))
+      times.append(time.perf_counter() - t0)
+  return {name: run[4] for name, run in runs.items()}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dataset", default="mnist", choices=list(SHAPES))
@@ -147,6 +178,10 @@ def main(argv=None):
   p.add_argument("--adjoint-steps", type=int, nargs="+", default=[10, 100, 1000])
   p.add_argument("--methods", nargs="+", default=None, help="name prefixes to keep (default all)")
   p.add_argument("--json", action="store_true", help="also print one JSON object per case")
+  p.add_argument("--out", type=Path, default=None, help="write the rows to this results file "
+                 "(JSON: command, date, machine, versions, settings)")
+  p.add_argument("--time-repeats", type=int, default=5, help="timed steps of each back-"
+                 "propagation case (rematerialisation's cost); 0: no timing")
   p.add_argument("--device-peak-of", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   all_cases = cases(args.dataset, args.batch_size, args.adjoint_steps)
@@ -165,21 +200,42 @@ def main(argv=None):
     method = name.split("/")[0]
     r["paper_gb"] = PAPER_GB[method][col] if method in PAPER_GB and col is not None else None
     rows.append(r)
-  ref = next((r for r in rows if r["case"] == "backprop"), None)
+  refs = {"ratio_to_backprop": next((r for r in rows if r["case"] == "backprop"), None),
+          "ratio_to_remat": next((r for r in rows if r["case"] == REMAT), None)}
   mb = lambda b: f"{b / 2**20:9.1f}" if b is not None else f"{'n/a':>9s}"
   print(f"training-step memory, {args.dataset} shapes, batch {args.batch_size}, backend "
         f"{jax.default_backend()} (MiB; peak = arguments + outputs - aliased + temporaries)")
-  print(f"{'case':38s} {'temp':>9s} {'peak':>9s} {'device':>9s} {'/backprop':>9s} {'paper GB':>8s}")
+  print(f"{'case':38s} {'temp':>9s} {'peak':>9s} {'device':>9s} {'/backprop':>9s} {'/remat':>7s} "
+        f"{'paper GB':>8s}")
   for r in rows:
-    if ref:
-      key = "device_peak" if r["device_peak"] and ref["device_peak"] else "peak"
-      r["ratio_to_backprop"] = r[key] / ref[key]
-    ratio = f"{r['ratio_to_backprop']:9.2f}" if ref else f"{'':9s}"
+    cols = []
+    for field, ref in refs.items():
+      if ref:  # the device's peaks where both have one, else XLA's
+        key = "device_peak" if r["device_peak"] and ref["device_peak"] else "peak"
+        r[field] = r[key] / ref[key]
+      cols.append(f"{r[field]:{9 if field == 'ratio_to_backprop' else 7}.2f}" if ref
+                  else " " * (9 if field == "ratio_to_backprop" else 7))
     paper = f"{r['paper_gb']:8.2f}" if r["paper_gb"] is not None else f"{'':8s}"
-    print(f"{r['case']:38s} {mb(r['temp'])} {mb(r['peak'])} {mb(r['device_peak'])} {ratio} {paper}")
+    print(f"{r['case']:38s} {mb(r['temp'])} {mb(r['peak'])} {mb(r['device_peak'])} {' '.join(cols)} {paper}")
+  timing = None
+  if args.time_repeats and all(refs.values()):
+    times = step_times(all_cases, ["backprop", REMAT], args.time_repeats)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    timing = {"table": "remat_cost", "repeats": args.time_repeats,
+              **{f"{k}_s_{q}": f(times[n]) for k, n in (("backprop", "backprop"), ("remat", REMAT))
+                 for q, f in (("min", min), ("median", statistics.median), ("max", max))},
+              "remat_over_backprop": med[REMAT] / med["backprop"]}
+    print(f"step time (median of {args.time_repeats}, timed alternately): backprop "
+          f"{1e3 * med['backprop']:.1f} ms, rematerialised per block {1e3 * med[REMAT]:.1f} ms: "
+          f"rematerialisation costs {timing['remat_over_backprop']:.2f}x the step time")
   if args.json:
-    for r in rows:
+    for r in rows + ([timing] if timing else []):
       print(json.dumps(r))
+  if args.out:
+    results.write(args.out, __file__, argv, rows + ([timing] if timing else []),
+                  {k: v for k, v in vars(args).items() if k not in ("device_peak_of", "out", "json")},
+                  jax.default_backend(), jax.devices()[0].device_kind)
+    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":
