@@ -84,18 +84,20 @@ class DT:
   """T DTBlocks, a head and the one-hot embedding, trained block by block."""
 
   def __init__(self, input_shape, num_classes: int, T: int = 10, eta: float = 0.1,
-               lr: float = 1e-3, weight_decay: float = 1e-3, grad_clip: float = 1.0, seed: int = 0):
+               lr: float = 1e-3, weight_decay: float = 1e-3, grad_clip: float = 1.0, seed: int = 0,
+               device: str = "cpu"):
     torch.manual_seed(seed)
     h, w, c = input_shape
     m = num_classes
     self.T, self.m, self.clip = T, m, grad_clip
     s = dt_schedule(T)
-    self.ab, self.a, self.b, self.c = (torch.tensor(np.asarray(v)) for v in (s.alpha_bar, s.a, s.b, s.c))
+    self.ab, self.a, self.b, self.c = (torch.tensor(np.asarray(v), device=device)
+                                       for v in (s.alpha_bar, s.a, s.b, s.c))
     # Eq. 8's weight of block t's squared error: (T / 2) eta (SNR(t) - SNR(t-1)).
-    self.weight = torch.tensor(0.5 * T * eta * np.asarray(s.dsnr))
-    self.W = torch.eye(m)
-    self.blocks = nn.ModuleList(DTBlock(c, h, m, m) for _ in range(T))
-    self.head = nn.Linear(m, m)
+    self.weight = torch.tensor(0.5 * T * eta * np.asarray(s.dsnr), device=device)
+    self.W = torch.eye(m, device=device)
+    self.blocks = nn.ModuleList(DTBlock(c, h, m, m) for _ in range(T)).to(device)
+    self.head = nn.Linear(m, m).to(device)
     self.opts = [torch.optim.AdamW(b.parameters(), lr=lr, weight_decay=weight_decay)
                  for b in self.blocks]
     self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -133,7 +135,7 @@ class DT:
   @torch.no_grad()
   def predict(self, x):
     """The mean path: z_0 = 0, z_t = a_t softmax(block_t(x, z_{t-1})) W + b_t z_{t-1}."""
-    z = torch.zeros(x.shape[0], self.m)
+    z = torch.zeros(x.shape[0], self.m, device=x.device)
     for t, block in enumerate(self.blocks):
       block.eval()
       z = self.a[t] * (F.softmax(block(x, z), dim=1) @ self.W) + self.b[t] * z
@@ -143,31 +145,32 @@ class DT:
 class FM:
   """One CTBlock integrated by Euler steps (NoProp-FM's mean-path inference)."""
 
-  def __init__(self, input_shape, num_classes: int, steps: int = 1000, seed: int = 0):
+  def __init__(self, input_shape, num_classes: int, steps: int = 1000, seed: int = 0,
+               device: str = "cpu"):
     torch.manual_seed(seed)
     h, w, c = input_shape
     self.m, self.steps = num_classes, steps
-    self.block = CTBlock(c, h, num_classes, num_classes)
+    self.block = CTBlock(c, h, num_classes, num_classes).to(device)
 
   @torch.no_grad()
   def predict(self, x):
     """z_0 = 0, then z += dt v(x, z, t) over `steps` Euler steps with the velocity the
     block's output (one-hot embedding), the block called whole each time."""
     self.block.eval()
-    z, dt = torch.zeros(x.shape[0], self.m), 1.0 / self.steps
+    z, dt = torch.zeros(x.shape[0], self.m, device=x.device), 1.0 / self.steps
     for i in range(self.steps):
-      z = z + dt * self.block(x, z, torch.full((x.shape[0],), i * dt))
+      z = z + dt * self.block(x, z, torch.full((x.shape[0],), i * dt, device=x.device))
     return z
 
 
 # ----------------------------------------------------------------------------- timing
 
-def batch(input_shape, num_classes: int, batch_size: int, seed: int = 0):
+def batch(input_shape, num_classes: int, batch_size: int, seed: int = 0, device: str = "cpu"):
   """Random pixels in [0, 1] (NCHW) and labels, the benchmark's data."""
   g = torch.Generator().manual_seed(seed)
   h, w, c = input_shape
   x = torch.randint(0, 256, (batch_size, c, h, w), generator=g).float() / 255.0
-  return x, torch.randint(0, num_classes, (batch_size,), generator=g)
+  return x.to(device), torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -182,14 +185,15 @@ def median_time(fn, repeats: int) -> float:
 
 
 def timers(input_shape, num_classes: int, batch_size: int, T: int, fm_batch: int,
-           fm_steps: int) -> dict:
+           fm_steps: int, device: str = "cpu") -> dict:
   """name -> a function running it once: 'step' (every block once, then the head: one
   parallel step's updates), 'block_step' (the next block's step and the head's: one step of
   Algorithm 1), 'dt_predict' (a batch through the T whole blocks), 'fm_predict' (`fm_steps`
-  Euler steps of the whole CT block on `fm_batch` images)."""
-  model = DT(input_shape, num_classes, T)
-  fm = FM(input_shape, num_classes, fm_steps)
-  x, y = batch(input_shape, num_classes, batch_size)
+  Euler steps of the whole CT block on `fm_batch` images). On a GPU ('cuda') each call
+  waits for the device before it returns, so that it can be timed."""
+  model = DT(input_shape, num_classes, T, device=device)
+  fm = FM(input_shape, num_classes, fm_steps, device=device)
+  x, y = batch(input_shape, num_classes, batch_size, device=device)
   x_fm = x[:fm_batch]
   blocks = iter(range(10**12))
 
@@ -197,22 +201,28 @@ def timers(input_shape, num_classes: int, batch_size: int, T: int, fm_batch: int
     model.block_step(next(blocks) % T, x, y)
     model.head_step(y)
 
-  return {"step": lambda: model.step(x, y), "block_step": block_step,
-          "dt_predict": lambda: model.predict(x), "fm_predict": lambda: fm.predict(x_fm)}
+  fns = {"step": lambda: model.step(x, y), "block_step": block_step,
+         "dt_predict": lambda: model.predict(x), "fm_predict": lambda: fm.predict(x_fm)}
+  if device == "cpu":
+    return fns
+  waited = lambda fn: lambda: (fn(), torch.cuda.synchronize())
+  return {k: waited(fn) for k, fn in fns.items()}
 
 
 def serve(spec: dict) -> None:
   """Time on request, in this process, as `benchmark.py` asks through stdin/stdout.
 
-  `spec`: the `timers` arguments and `threads`. Writes one JSON line {"torch": version}
-  once ready, then answers each request line "ITEM N" (ITEM a `timers` key) with one JSON
+  `spec`: the `timers` arguments (`device` 'cpu' or 'cuda') and `threads`. Writes one
+  JSON line {"torch": version, "device": its name} once ready, then answers each request line "ITEM N" (ITEM a `timers` key) with one JSON
   line: the N seconds of N timed calls, after one untimed call. The benchmark runs PyTorch
   here, in a process of its own, because importing `noprop_jax` changes the process's
   malloc settings (`noprop_jax.host_memory`): a PyTorch user's process has glibc's defaults.
   """
   torch.set_num_threads(spec.pop("threads"))
   timed = timers(**spec)
-  print(json.dumps({"torch": torch.__version__}), flush=True)
+  device = spec.get("device", "cpu")
+  name = torch.cuda.get_device_name() if device != "cpu" else "cpu"
+  print(json.dumps({"torch": torch.__version__, "device": name}), flush=True)
   for line in sys.stdin:
     item, n = line.split()
     # Untimed: the other process's threads may still be spinning, or its caches warm.

@@ -2,6 +2,7 @@
 experiments/inference_benchmark.py's whole-block inference matches the library's."""
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -127,3 +128,42 @@ def test_memory_benchmark_has_the_rematerialised_backprop_row_and_every_backprop
     assert 0 < cost[f"{k}_s_min"] <= cost[f"{k}_s_median"] <= cost[f"{k}_s_max"]
   assert cost["remat_over_backprop"] == pytest.approx(cost["remat_s_median"] / cost["backprop_s_median"])
   assert "rematerialisation costs" in out
+
+
+def test_accelerator_benchmark_runs_tiny_and_writes_its_results(tmp_path):
+  """The accelerator benchmark's one command, at tiny sizes on this backend: every row of
+  every section, the auto check, timings as min <= median <= max, the results file's
+  provenance, and the T-curve plot."""
+  out = tmp_path / "acc.json"
+  script = Path(__file__).resolve().parents[1] / "experiments" / "accelerator_benchmark.py"
+  p = subprocess.run([sys.executable, str(script), "--tiny", "--precisions", "bfloat16",
+                      "--t-curve", "mnist:float32", "--no-torch", "--out", str(out)],
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  res = json.loads(out.read_text())
+  assert res["command"].startswith("python experiments/accelerator_benchmark.py --tiny")
+  assert res["machine"]["backend"] == jax.default_backend() and res["machine"]["cores"] >= 1
+  assert {"jax", "jaxlib", "flax", "optax", "numpy", "python"} <= set(res["versions"])
+  assert res["settings"]["T"] == 2 and res["settings"]["batch_size"] == 8
+  rows = res["rows"]
+  assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+  train = {r["case"]: r for r in rows if r["table"] == "train"}
+  assert set(train) == {"vmap", "unroll", "chunks1-scan", "auto", "algorithm1", "backprop",
+                        "backprop-remat"}
+  for r in train.values():
+    assert r["precision"] == "bfloat16" and r["dataset"] == "mnist" and r["T"] == 2
+    assert 0 < r["s_min"] <= r["s_median"] <= r["s_max"]
+    per = 2 if r["case"] == "algorithm1" else 1  # T of Algorithm 1's steps = one parallel step
+    assert r["s_per_T_updates_median"] == pytest.approx(per * r["s_median"])
+    assert r["examples_per_s"] == pytest.approx(8 / r["s_per_T_updates_median"])
+    assert r["xla_peak_bytes"] > 0
+  assert train["backprop-remat"]["resolved"].startswith("chain-scan/")
+  auto = next(r for r in rows if r["table"] == "auto")
+  # auto against the fastest parallel row, itself included: never faster than the fastest
+  fastest = min((r for r in train.values() if r["kind"] == "parallel"), key=lambda r: r["s_per_step"])
+  assert auto["fastest"] == fastest["case"] and auto["auto_over_fastest"] >= 1
+  assert auto["within"] == (auto["auto_over_fastest"] <= 1.1)
+  assert {r["case"] for r in rows if r["table"] == "inference"} == {"dt", "ct", "fm"}
+  curve = [(r["T"], r["case"], r["precision"]) for r in rows if r["table"] == "t_curve"]
+  assert sorted(curve) == [(T, c, "float32") for T in (1, 2) for c in ("algorithm1", "auto")]
+  assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
