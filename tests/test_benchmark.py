@@ -167,3 +167,20 @@ def test_accelerator_benchmark_runs_tiny_and_writes_its_results(tmp_path):
   curve = [(r["T"], r["case"], r["precision"]) for r in rows if r["table"] == "t_curve"]
   assert sorted(curve) == [(T, c, "float32") for T in (1, 2) for c in ("algorithm1", "auto")]
   assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accelerator_benchmark_rows_from_a_process_of_their_own():
+  """Where the device reports its peak (GPU/TPU) every training row runs in a fresh process:
+  that path, on this backend, gives the rows the in-process path gives; a row that fails
+  there becomes an error row instead of ending the benchmark."""
+  import accelerator_benchmark as acc
+
+  unit = dict(dataset="mnist", precision="float32", batch_size=4, T=2, repeats=1,
+              inference_steps=2, what="train", case="algorithm1")
+  [row] = acc._child(unit)
+  assert "error" not in row, row
+  assert row["case"] == "algorithm1" and row["resolved"].endswith("/1/gemm" if jax.default_backend() == "cpu" else "/1/xla")
+  assert 0 < row["s_min"] <= row["s_median"] <= row["s_max"]
+  assert row["s_per_T_updates_median"] == pytest.approx(2 * row["s_median"])
+  [bad] = acc._child(dict(unit, case="no-such-case"))
+  assert bad["error"] and bad["case"] == "no-such-case" and bad["dataset"] == "mnist"
