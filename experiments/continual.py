@@ -152,17 +152,21 @@ class Learner:
         self.cfg.train, seed=seed)), self.model, jax.random.key(seed), inputs, labels)
 
   def train(self, state, split: data.Split, steps: int, rng: np.random.Generator):
-    """`steps` steps on batches drawn without replacement, pass after pass."""
+    """`steps` steps on batches drawn without replacement, pass after pass. Returns (state,
+    the number of updates the method's step dropped as non-finite: its metrics' 'skipped',
+    counted on the device so that no step waits for the host)."""
     B, n = self.batch_size, len(split.labels)
     order = np.empty(0, np.int64)
+    skipped = jnp.zeros((), jnp.int32)
     for _ in range(steps):
       if len(order) < B:
         order = np.concatenate([order, rng.permutation(n)])
       idx, order = order[:B], order[B:]
       state, m = self.step(state, split.images[idx], split.labels[idx])
-    if not math.isfinite(float(m["loss"])):
+      skipped = skipped + m.get("skipped", 0)
+    if steps and not math.isfinite(float(m["loss"])):
       raise FloatingPointError(f"{self.cfg.method}: the training loss is not finite")
-    return state
+    return state, int(skipped)
 
   def predict(self, state, images: np.ndarray) -> np.ndarray:
     """Logits for every image, in fixed-size batches (the last one padded)."""
@@ -261,27 +265,30 @@ def score(learner: Learner, state, tasks: list[Task], scenario: str) -> dict[str
 
 
 def run_sequence(learner: Learner, tasks: list[Task], scenario: str, steps_per_task: int,
-                 seed: int) -> dict[str, np.ndarray]:
-  """Train task after task; R[i, j] for each way of scoring."""
+                 seed: int) -> tuple[dict[str, np.ndarray], int]:
+  """Train task after task; (R[i, j] for each way of scoring, updates skipped as non-finite)."""
   rng = np.random.default_rng(seed)
   first = tasks[0].train
   state = learner.init(seed, first.images, first.labels)
   rows: dict[str, list] = {}
+  skipped = 0
   for task in tasks:
-    state = learner.train(state, task.train, steps_per_task, rng)
+    state, n = learner.train(state, task.train, steps_per_task, rng)
+    skipped += n
     for k, acc in score(learner, state, tasks, scenario).items():
       rows.setdefault(k, []).append(acc)
-  return {k: np.stack(v) for k, v in rows.items()}
+  return {k: np.stack(v) for k, v in rows.items()}, skipped
 
 
 def run_joint(learner: Learner, tasks: list[Task], scenario: str, steps: int,
-              seed: int) -> dict[str, np.ndarray]:
-  """All tasks at once for `steps` steps: the upper bound. Accuracy on each task."""
+              seed: int) -> tuple[dict[str, np.ndarray], int]:
+  """All tasks at once for `steps` steps: the upper bound. (Accuracy on each task, updates
+  skipped as non-finite.)"""
   joint = data.Split(np.concatenate([t.train.images for t in tasks]),
                      np.concatenate([t.train.labels for t in tasks]))
   rng = np.random.default_rng(seed + 10_000)
-  state = learner.init(seed, joint.images, joint.labels)
-  return score(learner, learner.train(state, joint, steps, rng), tasks, scenario)
+  state, skipped = learner.train(learner.init(seed, joint.images, joint.labels), joint, steps, rng)
+  return score(learner, state, tasks, scenario), skipped
 
 
 # ----------------------------------------------------------------------------- report
@@ -297,16 +304,25 @@ SCORING = {"class_il": "class-incremental", "task_il": "task-incremental",
 
 
 def table(results: list[dict]) -> str:
-  rows = ["| scenario | method | block | steps / task | ACC | BWT | forgetting | joint | seeds |",
-          "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+  rows = ["| scenario | method | block | steps / task | ACC | BWT | forgetting | joint | seeds | "
+          "skipped updates |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in results:
     for k, Rs in r["R"].items():
       m = [metrics(np.asarray(R)) for R in Rs]
       joint = [float(np.mean(j)) for j in r["joint"][k]]
       rows.append(f"| {SCORING[k]} | {NAMES[r['method']]} | {r['block']} | {r['steps_per_task']} | "
                   f"{fmt_pct([x['acc'] for x in m])} | {fmt_pct([x['bwt'] for x in m])} | "
-                  f"{fmt_pct([x['forgetting'] for x in m])} | {fmt_pct(joint)} | {len(Rs)} |")
+                  f"{fmt_pct([x['forgetting'] for x in m])} | {fmt_pct(joint)} | {len(Rs)} | "
+                  f"{_skipped(r)} |")
   return "\n".join(rows)
+
+
+def _skipped(r: dict) -> str:
+  """Updates dropped as non-finite, over every seed's sequential and joint runs, of all the
+  steps taken ('n/a' for a results file written before they were counted)."""
+  if "skipped_updates" not in r:
+    return "n/a"
+  return f"{r['skipped_updates']} of {r['updates']}"
 
 
 def plot(results: list[dict], out_dir: Path) -> None:
@@ -421,12 +437,16 @@ def main(argv=None) -> int:
       t0 = time.perf_counter()
       learner = make_learner(method, block, ds, tasks, args)
       r = {"method": method, "block": block, "scenario": args.scenario, "dataset": ds.name,
-           "steps_per_task": steps, "T": learner.T, "R": {}, "joint": {}}
+           "steps_per_task": steps, "T": learner.T, "R": {}, "joint": {}, "skipped_updates": 0,
+           "updates": 2 * args.seeds * steps * len(tasks)}  # sequential and joint runs
       for seed in range(args.seeds):
-        for k, R in run_sequence(learner, tasks, args.scenario, steps, seed).items():
+        Rs, skipped = run_sequence(learner, tasks, args.scenario, steps, seed)
+        for k, R in Rs.items():
           r["R"].setdefault(k, []).append(R.tolist())
-        for k, acc in run_joint(learner, tasks, args.scenario, steps * len(tasks), seed).items():
+        accs, skipped_joint = run_joint(learner, tasks, args.scenario, steps * len(tasks), seed)
+        for k, acc in accs.items():
           r["joint"].setdefault(k, []).append(acc.tolist())
+        r["skipped_updates"] += skipped + skipped_joint
       r["seconds"] = time.perf_counter() - t0
       results.append(r)
       print("\n".join(table([r]).splitlines()[2:]), f"({r['seconds']:.0f} s)", flush=True)

@@ -82,8 +82,12 @@ def test_one_run_end_to_end_on_the_digits(tmp_path):
   T = np.asarray(r["R"]["task_il"][0])
   assert np.all(T >= R - 1e-9)  # knowing the task can only help
   assert np.mean(r["joint"]["class_il"][0]) > 0.8
+  # every update of these healthy runs applied: none dropped as non-finite, of all taken
+  # (5 tasks x 20 steps, sequential and joint, 2 seeds)
+  assert r["skipped_updates"] == plain["skipped_updates"] == 0 and r["updates"] == 2 * 2 * 5 * 20
   md = (tmp_path / "results.md").read_text()
   assert "| class-incremental | NoProp-DT | mlp |" in md and "| task-incremental |" in md
+  assert "| 2 | 0 of 400 |" in md
   assert "| class-incremental | Plain MLP, backprop (reference) | 2x400 |" in md
   # The plots: whole PNGs of one panel per row and scoring, at the figure's size and dpi
   # (accuracy: 4 x 3.2 in per panel, R matrices: 3.2 x 3 in; 110 dpi).
@@ -136,3 +140,28 @@ def test_multihead_rows_are_scored_task_incrementally_only_and_reports_merge_run
   assert len(rows) == 4 and all("one head per task (reference) | 2x400 | 20 |" in r for r in rows[2:])
   assert continual.main(["--report", str(tmp_path / "missing")]) == 2
   assert "missing/results.json does not exist" in capsys.readouterr().err
+
+
+def test_updates_dropped_as_non_finite_are_counted_and_reported(digits, monkeypatch):
+  """The methods' steps drop a non-finite update whole and say so (metrics['skipped']);
+  the protocol counts them per run, so that a row built on dropped updates shows it."""
+  tasks = continual.make_tasks(digits, "split", 5, seed=0)
+  learner = continual.Learner("dt", "mlp", digits, 16, 1e-3, None, T=2)
+  step, calls = learner.step, []
+
+  def flaky(state, x, y):  # every third step reports its update dropped
+    state, m = step(state, x, y)
+    calls.append(1)
+    return state, {**m, "skipped": np.int32(len(calls) % 3 == 0)}
+
+  monkeypatch.setattr(learner, "step", flaky)
+  R, skipped = continual.run_sequence(learner, tasks, "split", 6, seed=0)
+  assert len(calls) == 30 and skipped == 10 and R["class_il"].shape == (5, 5)
+  accs, skipped_joint = continual.run_joint(learner, tasks, "split", 9, seed=0)
+  assert skipped_joint == 3 and len(accs["class_il"]) == 5
+  r = {"method": "dt", "block": "mlp", "steps_per_task": 6, "R": {"class_il": [R["class_il"].tolist()]},
+       "joint": {"class_il": [accs["class_il"].tolist()]}, "skipped_updates": 13, "updates": 39}
+  assert continual.table([r]).splitlines()[2].endswith("| 1 | 13 of 39 |")
+  # a results file from before the count: the column says so rather than 0
+  del r["skipped_updates"]
+  assert continual.table([r]).splitlines()[2].endswith("| 1 | n/a |")
