@@ -37,6 +37,10 @@ def test_a_row_trains_and_is_tabled_with_memory_and_block_calls(tmp_path, capsys
   assert r["step_memory_bytes"] > 4 * r["params_per_block"]  # parameters, Adam moments, activations
   md = (tmp_path / "results.md").read_text()
   assert f"| NoProp-FM | vit | {100 * r['test_accuracy']:.2f} |" in md and "compare.py --methods fm" in md
+  # both accuracies, the mean path (the headline) and the sampled paths' mean, and what each is
+  assert r["test_accuracy_stochastic"] == summary["test_accuracy_stochastic"]
+  assert (f"| {100 * r['test_accuracy']:.2f} | {100 * r['test_accuracy_stochastic']:.2f} |" in md
+          and "z ~ N(0, (1 + sigma_max^2) I)" in md and "the headline" in md)
   capsys.readouterr()
   # Finished rows are tabled again without training; rows never run are left out.
   assert compare.main(["--report-only", "--out", str(tmp_path)]) == 0
