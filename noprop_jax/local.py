@@ -7,13 +7,16 @@ trained on its own classifier's cross-entropy, with no gradient between blocks.
   state, metrics = step(state, x, y)
   logits = local.predict(model, state, x_test)                    # the last block's classifier
 
-Block t gets the *detached* z_{t-1} (Decoupled Greedy Learning, local losses):
+Block t gets the *detached* z_{t-1} (greedy learning with local losses):
 
   z_t = (1 - alpha_t) z_{t-1} + alpha_t softmax(block_t(x, sg(z_{t-1}))),
   loss_t = CE(head_t(z_t), y),   alpha_t = tanh(w_t),
 
 the chain of the backprop baseline with z in class space (one-hot embedding): a learned
-embedding shared by all blocks would couple them. Block t, its w_t and its linear head_t
+embedding shared by all blocks would couple them. This trains NoProp's own chain greedily,
+each block reading the input x and a class-space z; it is not Decoupled Greedy Learning as
+published, where each module reads the previous module's (detached) feature maps, so its
+numbers are not DGL's. Block t, its w_t and its linear head_t
 are trained on loss_t alone by their own AdamW (own clipping norm, moments, count).
 The objective (`loss`) is the plain sum of the blocks' `block_loss` terms along the chain
 from `chain_start`; the training step differentiates the same `block_loss`, block by
