@@ -90,21 +90,22 @@ def _child(unit: dict) -> list[dict]:
                      text=True)
   rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
   if p.returncode or not rows:
-    err = (p.stderr.strip().splitlines() or ["no output"])[-1][:300]
-    return [{"table": unit["what"], "case": unit.get("case", unit["what"]), "error": err,
-             **{k: unit[k] for k in ("dataset", "precision", "T")}}]
+    return [_error_row(unit, (p.stderr.strip().splitlines() or ["no output"])[-1])]
   return rows
 
 
+def _error_row(unit: dict, error: str) -> dict:
+  return {"table": unit["what"], "case": unit.get("case", unit["what"]), "error": error[:300],
+          **{k: unit[k] for k in ("dataset", "precision", "T")}}
+
+
 def _probe() -> dict:
-  """The backend, the device, whether it reports a peak, and the library versions, from a
+  """The backend, the device, their count and whether the device reports a peak, from a
   child process (this one never holds the device)."""
-  code = ("import json, jax, jaxlib, flax, optax, numpy; d = jax.devices()[0]; "
+  code = ("import json, jax; d = jax.devices()[0]; "
           "print(json.dumps({'backend': jax.default_backend(), 'device_kind': d.device_kind, "
           "'device_count': jax.device_count(), "
-          "'reports_peak': 'peak_bytes_in_use' in (d.memory_stats() or {}), "
-          "'versions': {'jax': jax.__version__, 'jaxlib': jaxlib.__version__, "
-          "'flax': flax.__version__, 'optax': optax.__version__, 'numpy': numpy.__version__}}))")
+          "'reports_peak': 'peak_bytes_in_use' in (d.memory_stats() or {})}))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -290,7 +291,8 @@ def main(argv=None) -> int:
   seconds["total"] = time.time() - start
   results.write(args.out, __file__, argv, rows,
                 {k: v for k, v in vars(args).items() if k != "unit"} | {"t_curve": t_curve},
-                info["backend"], info["device_kind"], seconds=seconds)
+                info["backend"], info["device_kind"], device_count=info["device_count"],
+                seconds=seconds)
   machine = results.machine(info["backend"], info["device_kind"])["summary"]
   plot = args.plot or args.out.with_suffix(".png")
   t_rows = [r for r in rows if r["table"] == "t_curve"]
@@ -307,9 +309,7 @@ def _in_process(unit: dict) -> list[dict]:
   try:
     return run_unit(unit)
   except Exception as e:  # noqa: BLE001  (a row that fails does not end the benchmark)
-    return [{"table": unit["what"], "case": unit.get("case", unit["what"]),
-             "error": f"{type(e).__name__}: {e}"[:300],
-             **{k: unit[k] for k in ("dataset", "precision", "T")}}]
+    return [_error_row(unit, f"{type(e).__name__}: {e}")]
 
 
 if __name__ == "__main__":
