@@ -47,7 +47,6 @@ TINY = dict(datasets=["mnist"], batch_size=8, T=2, t_curve_T=[1, 2], repeats=2,
 def run_unit(unit: dict) -> list[dict]:
   """One unit of work in this process: a training row, the inference rows, or a T-curve
   pair's rows. Imports JAX here, so that the parent process never holds the device."""
-  sys.path.insert(0, str(HERE))
   import benchmark  # noqa: E402  (a sibling script: its cases, timing and rows)
   import jax
 
@@ -123,7 +122,6 @@ def torch_rows(dataset: str, args, backend: str) -> list[dict]:
   device = "cuda" if backend == "gpu" else "cpu"
   if device == "cuda" and not info["cuda"]:
     return [{"table": "torch", "dataset": dataset, "skipped": f"torch {info['version']} has no CUDA"}]
-  sys.path.insert(0, str(HERE))
   from benchmark import SHAPES  # noqa: E402  (no JAX computation: shapes only)
   shape, m = SHAPES[dataset]
   if min(shape[:2]) < 14:  # the library pads them for the paper's block; the reference does not
@@ -248,11 +246,10 @@ def main(argv=None) -> int:
   start = time.time()
   info = _probe()
   isolate = info["reports_peak"]  # the device's peak is per process: one process per row
-  run = _child if isolate else (lambda unit: _in_process(unit))
+  run = _child if isolate else _in_process
   base = dict(batch_size=args.batch_size, T=args.T, repeats=args.repeats,
               inference_steps=args.inference_steps)
   rows, seconds = [], {}
-  sys.path.insert(0, str(HERE))
   import benchmark  # noqa: E402
 
   for dataset in args.datasets:
