@@ -21,7 +21,9 @@ memory analysis of one compiled training step (arguments + outputs - donated +
 temporaries, batch --batch-size), and the block calls needed to classify a batch.
 
 Each row trains in OUT/runs/<method>_<block> (rerunning resumes; finished rows are
-kept). OUT/results.md and OUT/results.json hold the table of every finished row.
+kept). OUT/results.md and OUT/results.json hold the table of every finished row;
+--results FILE also writes them as a results file (the command, date, machine, versions and
+settings beside the rows), which `render_results.py` renders into the documentation.
 """
 
 import argparse
@@ -35,6 +37,7 @@ import jax
 from noprop_jax import cli, core, host_memory, trainer
 from noprop_jax import method as methods
 from noprop_jax.config import RunConfig
+import results as results_file
 from reproduce import Datasets, fmt_duration
 
 BLOCKS = ("paper", "vit")
@@ -122,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="runs/compare")
   p.add_argument("--report-only", action="store_true", help="table the finished rows; train none")
+  p.add_argument("--results", default=None, metavar="FILE",
+                 help="also write the rows as a results file (JSON with command, date, machine, "
+                 "versions and settings)")
   return p.parse_args(argv)
 
 
@@ -163,6 +169,15 @@ def main(argv=None) -> int:
           f"`python experiments/compare.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
           + table(results) + "\n")
   print(table(results))
+  if args.results and results:
+    device = jax.devices()[0]
+    results_file.write(
+        Path(args.results), __file__, argv, results,
+        settings={k: getattr(args, k) for k in ("dataset", "methods", "blocks", "epochs",
+                                                "inference_steps", "batch_size", "train_size",
+                                                "seed")},
+        backend=device.platform, device_kind=device.device_kind, failed=failed,
+        note=TABLE_NOTE)
   if failed:
     print(f"error: rows that failed: {' '.join(failed)}", file=sys.stderr)
     return 1
