@@ -23,7 +23,8 @@ against the published fine-tuning figures.
 
 OUT/results.md (mean ± standard error over seeds), OUT/results.json (every R matrix),
 OUT/plots/accuracy.png (accuracy on each task as tasks are learnt, one panel per
-method and block) and OUT/plots/R_<scenario>.png (the final R matrices, seed 0).
+method and block) and OUT/plots/R_<scenario>.png (the final R matrices, seed 0); --results
+FILE the rows as a results file (command, date, machine, versions and settings beside them).
 """
 
 import argparse
@@ -42,6 +43,7 @@ import numpy as np
 from noprop_jax import core, data, host_memory, trainer
 from noprop_jax import method as methods
 from noprop_jax.config import RunConfig, method_settings
+import results as results_file  # experiments/ (the script's folder) is on sys.path
 from reproduce import Datasets, fmt_pct
 
 SCENARIOS = ("split", "permuted")
@@ -379,6 +381,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--T", type=int, default=None,
                  help="blocks of the discrete-time methods (dt, backprop, ...; default: theirs, 10)")
   p.add_argument("--out", default="runs/continual")
+  p.add_argument("--results", default=None, metavar="FILE",
+                 help="also write the rows as a results file (JSON with command, date, machine, "
+                 "versions and settings)")
   p.add_argument("--report", nargs="+", metavar="OUT", default=None,
                  help="print one table of these runs' results.json (class-incremental rows "
                       "first) and exit; trains nothing")
@@ -455,6 +460,13 @@ def main(argv=None) -> int:
   (out / "results.md").write_text(f"`{cmd}`\n\n{steps} steps per task, batch {args.batch_size}, "
                                   f"mean ± s.e. over {args.seeds} seeds, in %\n\n{table(results)}\n")
   plot(results, out)
+  if args.results:
+    device = jax.devices()[0]
+    results_file.write(Path(args.results), __file__, argv, results,
+                       settings={k: getattr(args, k) for k in (
+                           "dataset", "scenario", "tasks", "methods", "blocks", "epochs_per_task",
+                           "steps_per_task", "seeds", "batch_size", "lr", "inference_steps", "T")},
+                       backend=device.platform, device_kind=device.device_kind)
   print(table(results))
   print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'plots'}/")
   return 0

@@ -6,7 +6,8 @@ evaluated at every step.
   python experiments/inference_benchmark.py --method ct --dataset mnist   # untrained: timing only
 
 Three implementations are timed side by side in one run on the same images
-(the machine is shared and noisy: compare the ratios):
+(the machine is shared and noisy: compare the ratios; each time is the median of
+--repeats calls, min and max kept in --out's results file):
   hoisted   the image term once per image, then only the small head per step;
   naive     the whole block called at every step inside the jitted solver, as
             a straightforward JAX version would write it: XLA's loop-invariant
@@ -31,6 +32,8 @@ import numpy as np
 
 from noprop_jax import core, ct, fm, host_memory, solvers, trainer
 from noprop_jax.config import RunConfig
+
+import results  # experiments/ (the script's folder) is on sys.path
 
 IMPLS = ("hoisted", "naive", "per_step")
 # (input shape, number of classes) of the named datasets, for an untrained model.
@@ -98,20 +101,19 @@ def predict(model, state, x, steps: int | None = None, impl: str = "hoisted",
   return mod.class_scores(model, state, z1)
 
 
-def _timed(model, state, x, steps: int, impl: str) -> tuple[float, jax.Array]:
-  """(seconds, scores) of `predict`, compiled ahead of time (not timed): the fastest of
-  up to 5 calls, stopping once 2 s have been spent (noise on a shared machine only adds)."""
+def _timed(model, state, x, steps: int, impl: str, repeats: int) -> tuple[list[float], jax.Array]:
+  """(seconds of each call, scores) of `predict`, compiled ahead of time (not timed):
+  `repeats` calls, or fewer once 5 s have been spent (the slow per-step rows at 1000 steps)."""
   compiled = predict.lower(model, state, x, steps, impl).compile()
   jax.block_until_ready(state)
-  best, spent = float("inf"), 0.0
-  for _ in range(5):
+  times = []
+  for _ in range(repeats):
     t0 = time.perf_counter()
     out = jax.block_until_ready(compiled(state, x))
-    dt = time.perf_counter() - t0
-    best, spent = min(best, dt), spent + dt
-    if spent > 2.0:
+    times.append(time.perf_counter() - t0)
+    if sum(times) > 5.0 and len(times) >= 2:
       break
-  return best, out
+  return times, out
 
 
 def _fmt(a: float | None) -> str:
@@ -126,7 +128,11 @@ def main(argv=None) -> int:
   p.add_argument("--data-dir", default=None, help="dataset files, for accuracy (else TFDS)")
   p.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000])
   p.add_argument("--time-images", type=int, default=200, help="images in the timed batch")
+  p.add_argument("--repeats", type=int, default=5, help="timed calls per row (fewer past 5 s)")
   p.add_argument("--json", action="store_true", help="also print one JSON line per row")
+  p.add_argument("--out", default=None, metavar="FILE",
+                 help="write the rows as a results file (JSON with command, date, machine, "
+                 "versions and settings)")
   args = p.parse_args(argv)
 
   from noprop_jax.data import load
@@ -158,13 +164,15 @@ def main(argv=None) -> int:
   n = x_time.shape[0]
   print(f"NoProp-{cfg.method.upper()} on {dataset} ({'step ' + str(step) + ' of ' + args.workdir if args.workdir else 'untrained'}), "
         f"backend {jax.default_backend()}, {n} timed images, mean path (z_0 = 0)")
-  print(f"{'steps':>6} {'hoisted':>9} {'naive':>9} {'per_step':>9}   ms per image;  "
+  rows = []
+  print(f"{'steps':>6} {'hoisted':>9} {'naive':>9} {'per_step':>9}   ms per image (median);  "
         f"{'per_step/hoisted':>16} {'naive/hoisted':>13} {'same preds':>10} {'test acc':>9} "
         f"{'stoch acc':>9}")
   for steps in args.steps:
-    times, scores = {}, {}
+    runs, scores = {}, {}
     for impl in IMPLS:
-      times[impl], scores[impl] = _timed(model, state, x_time, steps, impl)
+      runs[impl], scores[impl] = _timed(model, state, x_time, steps, impl, args.repeats)
+    times = {k: float(np.median(v)) for k, v in runs.items()}
     pred = {k: jnp.argmax(v, -1) for k, v in scores.items()}
     same = min(float(jnp.mean(pred["hoisted"] == pred[k])) for k in ("naive", "per_step"))
     acc = stoch = None  # no labels for an untrained, random-image run
@@ -177,6 +185,9 @@ def main(argv=None) -> int:
     ms = {k: 1e3 * v / n for k, v in times.items()}
     row = {"method": cfg.method, "dataset": dataset, "steps": steps,
            **{f"{k}_ms_per_image": v for k, v in ms.items()},
+           **{f"{k}_ms_per_image_min": 1e3 * min(v) / n for k, v in runs.items()},
+           **{f"{k}_ms_per_image_max": 1e3 * max(v) / n for k, v in runs.items()},
+           **{f"{k}_calls": len(v) for k, v in runs.items()},
            "speedup_vs_per_step": times["per_step"] / times["hoisted"],
            "speedup_vs_naive": times["naive"] / times["hoisted"], "same_predictions": same,
            "test_accuracy": acc, "test_accuracy_stochastic": stoch,
@@ -184,8 +195,17 @@ def main(argv=None) -> int:
     print(f"{steps:>6} {ms['hoisted']:>9.3f} {ms['naive']:>9.3f} {ms['per_step']:>9.3f}"
           f"{'':16}{row['speedup_vs_per_step']:>15.1f}x {row['speedup_vs_naive']:>12.1f}x "
           f"{same:>10.4f} {_fmt(acc):>9} {_fmt(stoch):>9}")
+    rows.append(row)
     if args.json:
       print(json.dumps(row))
+  if args.out:
+    device = jax.devices()[0]
+    results.write(args.out, __file__, argv, rows,
+                  settings={"method": cfg.method, "dataset": dataset, "steps": args.steps,
+                            "timed_images": n, "repeats": args.repeats,
+                            "workdir": args.workdir, "trained_step": step},
+                  backend=device.platform, device_kind=device.device_kind)
+    print(f"wrote {args.out}")
   return 0
 
 

@@ -11,13 +11,11 @@ state and the time or noise-level input stay float32 in both). The seeds give th
 to compare the difference with: the table prints each precision's mean and standard
 deviation over seeds, the mean of the paired differences and its standard error.
 bfloat16 is for GPU/TPU: XLA:CPU emulates it, so on CPU it is slower, and this script only
-measures its accuracy there. --out writes every run's figures with the settings, the
-machine and the versions.
+measures its accuracy there. --out writes every run's figures as a results file (the
+command, date, machine, versions and settings beside them).
 """
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,7 +28,8 @@ from noprop_jax import method as methods
 from noprop_jax.config import RunConfig
 from noprop_jax.trainer import train
 
-from reproduce import subset  # experiments/ (the script's folder) is on sys.path
+import results  # experiments/ (the script's folder) is on sys.path
+from reproduce import subset
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -95,14 +94,13 @@ def main(argv=None) -> int:
   for key, name in (("test_accuracy_mean_path", "mean path"), ("test_accuracy_stochastic", "sampled")):
     print(f"\n{name}\n{table(rows, key)}")
   if args.out:
-    meta = {"command": "python experiments/precision_check.py " + " ".join(argv or sys.argv[1:]),
-            "dataset": ds.name, "source": ds.source, "n_train": len(ds.train.labels),
-            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "machine": platform.machine(), "processor": platform.processor(),
-            "python": platform.python_version(), "jax": jax.__version__,
-            "host_memory": host_memory.status}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
+    device = jax.devices()[0]
+    results.write(Path(args.out), __file__, argv, rows,
+                  settings={"methods": args.methods, "dataset": ds.name, "source": ds.source,
+                            "n_train": len(ds.train.labels), "epochs": args.epochs,
+                            "seeds": args.seeds, "inference_steps": args.inference_steps},
+                  backend=device.platform, device_kind=device.device_kind,
+                  host_memory=host_memory.status)
     print(f"\nwrote {args.out}")
   return 0
 
