@@ -1,21 +1,31 @@
-"""The README's measured tables, rendered from the results files that measured them.
+"""The documentation's generated blocks: measured tables rendered from the results files
+that measured them, and the command line's tables rendered from the settings.
 
-  python experiments/render_results.py           # rewrite the README's results blocks
-  python experiments/render_results.py --check   # exit 1 where a block and its file disagree
+  python experiments/render_results.py           # rewrite every page's generated blocks
+  python experiments/render_results.py --check   # exit 1 where a block and its source disagree
 
-A results block in the README is the lines between `<!-- results/NAME.json -->` and
-`<!-- end results -->`: this script owns them (edit the results file's command, rerun
-it, then render). Each table names its machine, date, versions and command.
+The pages are README.md and every docs/**/*.md. Blocks this script owns:
+- `<!-- results/NAME.json -->` ... `<!-- end results -->`: a table of that results file
+  (`<!-- results/NAME.json VIEW -->` for another view of it, e.g. `headline`). To change
+  one, rerun the command the file records, then render. Each names its machine, date,
+  versions and command.
+- `<!-- flags -->` ... `<!-- /flags -->`: every flag of experiments/train.py.
+- `<!-- settings METHOD -->` ... `<!-- /settings -->`: one method's own settings.
 """
 
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- (results/[\w.-]+\.json) -->\n)(.*?)(<!-- end results -->)", re.S)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare, continual (tables)
+BLOCK = re.compile(r"(<!-- (results/[\w.-]+\.json)(?: (\w+))? -->\n)(.*?)(<!-- end results -->)",
+                   re.S)
+FLAGS = re.compile(r"(<!-- flags -->\n)(.*?)(<!-- /flags -->)", re.S)
+SETTINGS = re.compile(r"(<!-- settings (\w+) -->\n)(.*?)(<!-- /settings -->)", re.S)
 
 
 def _source(res: dict) -> str:
@@ -31,7 +41,7 @@ def _ms(r: dict, key: str = "s") -> str:
           f"{1e3 * r[f'{key}_max']:.1f})")
 
 
-def cpu_benchmark(res: dict) -> str:
+def cpu_benchmark(res: dict, view: str | None = None) -> str:
   rows = res["rows"]
   train = [r for r in rows if r["table"] == "train" and "error" not in r]
   r0 = train[0]
@@ -73,7 +83,7 @@ def cpu_benchmark(res: dict) -> str:
   return "\n".join(out) + "\n"
 
 
-def cpu_memory(res: dict) -> str:
+def cpu_memory(res: dict, view: str | None = None) -> str:
   rows = [r for r in res["rows"] if "case" in r]
   cost = next((r for r in res["rows"] if r.get("table") == "remat_cost"), None)
   r0 = rows[0]
@@ -94,37 +104,135 @@ def cpu_memory(res: dict) -> str:
   return "\n".join(out) + "\n"
 
 
+def _pct(v: float | None) -> str:
+  return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def compare(res: dict, view: str | None = None) -> str:
+  """Every method side by side (`experiments/compare.py --results`); view `headline`: the
+  accuracy columns only."""
+  import compare as compare_script
+  rows, st = res["rows"], res["settings"]
+  what = (f"{rows[0]['dataset']}, {st['epochs'] or 'the default number of'} epoch(s) per row, "
+          f"batch {st['batch_size']}, seed {st['seed']}" +
+          (f", {st['inference_steps']} Euler steps at inference for CT and FM"
+           if st.get("inference_steps") else ""))
+  if view == "headline":
+    from noprop_jax import method as methods
+    out = [_source(res), "", f"Test accuracy, %: {what}.", "",
+           "| method | block | mean path | sampled |", "|---|---|---:|---:|"]
+    out += [f"| {methods.get(r['method']).title} | {r['block']} | {_pct(r['test_accuracy'])} | "
+            f"{_pct(r.get('test_accuracy_stochastic'))} |" for r in rows]
+    return "\n".join(out) + "\n"
+  return "\n".join([_source(res), "", f"{what}; one training run per row (its seconds per "
+                    "epoch are that run's).", "", compare_script.table(rows)]) + "\n"
+
+
+def continual(res: dict, view: str | None = None) -> str:
+  """Tasks learnt one after another (`experiments/continual.py --results`)."""
+  import continual as continual_script
+  st = res["settings"]
+  return "\n".join([_source(res), "", f"{st['scenario']} {st['dataset']}, batch "
+                    f"{st['batch_size']}, lr {st['lr']}; mean ± standard error over "
+                    f"{st['seeds']} seeds, in %.", "", continual_script.table(res["rows"])]) + "\n"
+
+
+def precision(res: dict, view: str | None = None) -> str:
+  """bfloat16 against float32, paired by seed (`experiments/precision_check.py --out`)."""
+  rows, st = res["rows"], res["settings"]
+  out = [_source(res), "", f"{st['dataset']}, {st['n_train']:,} training examples, "
+         f"{rows[0]['epochs']} epoch(s); test accuracy, mean ± sd over seeds; bf16 - f32: the "
+         "mean of the paired differences ± its standard error.", "",
+         "| method | inference | float32 | bfloat16 | bf16 - f32 | seeds |",
+         "|---|---|---:|---:|---:|---:|"]
+  sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")
+  for method in dict.fromkeys(r["method"] for r in rows):
+    for key, name in (("test_accuracy_mean_path", "mean path"),
+                      ("test_accuracy_stochastic", "sampled")):
+      acc = {p: {r["seed"]: r[key] for r in rows if r["method"] == method and r["precision"] == p}
+             for p in ("float32", "bfloat16")}
+      seeds = sorted(set(acc["float32"]) & set(acc["bfloat16"]))
+      f32, b16 = [acc["float32"][k] for k in seeds], [acc["bfloat16"][k] for k in seeds]
+      diff = [b - f for b, f in zip(b16, f32)]
+      out.append(f"| {method} | {name} | {statistics.mean(f32):.4f} ± {sd(f32):.4f} | "
+                 f"{statistics.mean(b16):.4f} ± {sd(b16):.4f} | {statistics.mean(diff):+.4f} ± "
+                 f"{sd(diff) / len(diff) ** 0.5:.4f} | {len(seeds)} |")
+  return "\n".join(out) + "\n"
+
+
+def inference(res: dict, view: str | None = None) -> str:
+  """CT/FM inference, hoisted against the whole block (`experiments/inference_benchmark.py --out`)."""
+  rows, st = res["rows"], res["settings"]
+  ms = lambda r, k: (f"{r[f'{k}_ms_per_image']:.3f} ({r[f'{k}_ms_per_image_min']:.3f}-"
+                     f"{r[f'{k}_ms_per_image_max']:.3f})")
+  out = [_source(res), "", f"NoProp-{st['method'].upper()} trained on {st['dataset']} (step "
+         f"{st['trained_step']} of its run), {st['timed_images']} test images timed; ms per image: "
+         f"median (min-max) of up to {st['repeats']} calls. Accuracy: the whole test split, mean "
+         "path (sampled: one run).", "",
+         "| Euler steps | hoisted | naive | per step | per step / hoisted | naive / hoisted | "
+         "test acc | sampled |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    out.append(f"| {r['steps']} | {ms(r, 'hoisted')} | {ms(r, 'naive')} | {ms(r, 'per_step')} | "
+               f"{r['speedup_vs_per_step']:.1f}x | {r['speedup_vs_naive']:.1f}x | "
+               f"{_pct(r['test_accuracy'])} | {_pct(r['test_accuracy_stochastic'])} |")
+  return "\n".join(out) + "\n"
+
+
 RENDERERS = {"results/cpu_benchmark.json": cpu_benchmark,
              "results/cpu_benchmark_cifar10.json": cpu_benchmark,
-             "results/cpu_memory.json": cpu_memory}
+             "results/cpu_memory.json": cpu_memory,
+             "results/compare_mnist.json": compare,
+             "results/continual_split_mlp.json": continual,
+             "results/precision_mnist.json": precision,
+             "results/inference_mnist_ct.json": inference,
+             "results/inference_mnist_fm.json": inference}
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+  """README.md and every page of the documentation."""
+  return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
 
 
 def render(text: str, root: Path = ROOT) -> str:
-  """`text` with every results block rendered from its file (under `root`)."""
-  def one(m):
-    name = m.group(2)
+  """`text` with every generated block rendered from its source (results under `root`)."""
+  from noprop_jax import cli
+
+  def results(m):
+    name, view = m.group(2), m.group(3)
     if name not in RENDERERS:
       raise SystemExit(f"no renderer for {name}; known: {sorted(RENDERERS)}")
     res = json.loads((root / name).read_text())
-    return m.group(1) + RENDERERS[name](res) + m.group(4)
-  return BLOCK.sub(one, text)
+    return m.group(1) + RENDERERS[name](res, view) + m.group(5)
+
+  text = BLOCK.sub(results, text)
+  text = FLAGS.sub(lambda m: m.group(1) + cli.flag_table() + "\n" + m.group(3), text)
+  return SETTINGS.sub(lambda m: m.group(1) + cli.method_table(m.group(2)) + "\n" + m.group(4),
+                      text)
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--check", action="store_true", help="only compare; exit 1 where they disagree")
-  p.add_argument("--page", type=Path, default=ROOT / "README.md")
+  p.add_argument("--page", type=Path, action="append", default=None,
+                 help="a page (may repeat; default: README.md and docs/**/*.md); results paths "
+                 "are read relative to the page's repository root (the folder holding results/)")
   args = p.parse_args(argv)
-  text = args.page.read_text()
-  new = render(text, args.page.parent)
-  if args.check:
-    if new != text:
-      print(f"{args.page}: a results block differs from its results file; run "
-            "python experiments/render_results.py", file=sys.stderr)
-      return 1
-    return 0
-  args.page.write_text(new)
-  return 0
+  stale = []
+  for page in args.page or pages():
+    root = next(d for d in [page.parent, *page.parents] if (d / "results").is_dir()
+                or d == Path(d.anchor))
+    text = page.read_text()
+    new = render(text, root)
+    if new == text:
+      continue
+    if args.check:
+      stale.append(page)
+    else:
+      page.write_text(new)
+  for page in stale:
+    print(f"{page}: a generated block differs from its source (results file or settings); run "
+          "python experiments/render_results.py", file=sys.stderr)
+  return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The command line made from the settings: one flag per setting, its help from the
-setting's definition (`setting.help_of`), and the README's table of them.
+setting's definition (`setting.help_of`), and the documentation's tables of them
+(every flag; one method's own).
 
 A method of one's own joins the command line by registering before the flags are made:
 `--method-module MODULE` (a module name or a .py file) imports the module that calls
@@ -113,7 +114,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def flag_table() -> str:
-  """The README's table of `experiments/train.py`'s settings, made from the fields."""
+  """The documentation's table of `experiments/train.py`'s settings, made from the fields."""
   rows = ["| flag | concern | meaning (default) |", "|---|---|---|"]
   for flag, owners in settings_by_flag().items():
     concern, _, f, help_ = owners[0]
@@ -131,6 +132,19 @@ def flag_table() -> str:
   return "\n".join(rows)
 
 
+def method_table(name: str) -> str:
+  """The table of one registered method's own settings: flag, meaning and its default."""
+  rows = ["| flag | meaning | default |", "|---|---|---|"]
+  for flag, owners in settings_by_flag().items():
+    for concern, owner, f, help_ in owners:
+      if concern == "method" and owner == name:
+        help_ = help_.replace("|", "\\|")
+        rows.append(f"| `--{flag}` | {help_} | `{f.default!r}` |")
+  if len(rows) == 2:
+    return f"{methods.get(name).title} has no settings of its own."
+  return "\n".join(rows)
+
+
 def from_args(args: argparse.Namespace) -> RunConfig:
   """The RunConfig of parsed flags (those not given take their defaults)."""
   settings = {f.name: getattr(args, f.name) for owners in settings_by_flag().values()
@@ -140,4 +154,5 @@ def from_args(args: argparse.Namespace) -> RunConfig:
   return RunConfig.create(method, **{k: v for k, v in settings.items() if v is not None})
 
 
-__all__ = ["add_flags", "flag_table", "from_args", "import_method_modules", "settings_by_flag"]
+__all__ = ["add_flags", "flag_table", "from_args", "import_method_modules", "method_table",
+           "settings_by_flag"]

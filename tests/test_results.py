@@ -1,4 +1,5 @@
-"""The README's measured tables are rendered from the results files that measured them."""
+"""The measured tables of the README and the documentation are rendered from the results
+files that measured them, and the command line's tables from the settings."""
 
 import json
 import shutil
@@ -14,10 +15,18 @@ import render_results  # noqa: E402
 FILES = sorted(render_results.RENDERERS)
 
 
-def test_the_readme_tables_are_their_results_files():
-  text = (ROOT / "README.md").read_text()
-  assert set(FILES) <= {m[1] for m in render_results.BLOCK.findall(text)}
+def _blocks() -> set[str]:
+  return {m[1] for page in render_results.pages() for m in render_results.BLOCK.findall(page.read_text())}
+
+
+def test_every_generated_block_is_current():
+  assert set(FILES) <= _blocks(), "every results file is shown on some page"
   assert render_results.main(["--check"]) == 0, "run python experiments/render_results.py"
+
+
+def test_every_block_names_a_results_file_that_exists():
+  for name in _blocks():
+    assert (ROOT / name).is_file() and name in render_results.RENDERERS, name
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -31,20 +40,44 @@ def test_each_results_file_says_where_when_and_how_it_was_measured(name):
   assert res["machine"]["summary"] in rendered and res["command"] in rendered
 
 
+def _scaled(x):
+  """Every float in a results file's rows, 1.5 times as large: a re-measurement."""
+  if isinstance(x, float):
+    return x * 1.5
+  if isinstance(x, dict):
+    return {k: _scaled(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_scaled(v) for v in x]
+  return x
+
+
 @pytest.mark.parametrize("name", FILES)
 def test_a_table_that_disagrees_with_its_file_fails_the_check(tmp_path, name, capsys):
-  shutil.copy(ROOT / "README.md", tmp_path / "README.md")
-  (tmp_path / "results").mkdir()
-  for f in FILES:
-    shutil.copy(ROOT / f, tmp_path / f)
-  assert render_results.main(["--check", "--page", str(tmp_path / "README.md")]) == 0
+  pages = [p for p in render_results.pages() if f"<!-- {name}" in p.read_text()]
+  copies = []
+  for page in pages:
+    copy = tmp_path / page.relative_to(ROOT)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(page, copy)
+    copies.append(copy)
+  shutil.copytree(ROOT / "results", tmp_path / "results")
+  args = [a for c in copies for a in ("--page", str(c))]
+  assert render_results.main(["--check", *args]) == 0
   res = json.loads((tmp_path / name).read_text())
-  row = next(r for r in res["rows"] if "s_median" in r or "peak" in r)
-  key = "s_median" if "s_median" in row else "peak"
-  row[key] *= 1.5  # a re-measurement the README was not rendered from
+  res["rows"] = _scaled(res["rows"])  # a re-measurement the pages were not rendered from
   (tmp_path / name).write_text(json.dumps(res))
-  assert render_results.main(["--check", "--page", str(tmp_path / "README.md")]) == 1
-  assert "differs from its results file" in capsys.readouterr().err
+  assert render_results.main(["--check", *args]) == 1
+  assert "differs from its source" in capsys.readouterr().err
   # rendering brings them back together
-  assert render_results.main(["--page", str(tmp_path / "README.md")]) == 0
-  assert render_results.main(["--check", "--page", str(tmp_path / "README.md")]) == 0
+  assert render_results.main(args) == 0
+  assert render_results.main(["--check", *args]) == 0
+
+
+def test_a_settings_table_that_disagrees_with_the_settings_fails_the_check(tmp_path):
+  page = tmp_path / "dt.md"
+  text = (ROOT / "docs" / "methods" / "dt.md").read_text()
+  page.write_text(text.replace("| `--eta` |", "| `--eta-typo` |"))
+  (tmp_path / "results").mkdir()
+  assert render_results.main(["--check", "--page", str(page)]) == 1
+  assert render_results.main(["--page", str(page)]) == 0
+  assert page.read_text() == text
