@@ -1,5 +1,6 @@
 """examples/quickstart.ipynb runs top to bottom in a real Jupyter kernel (2 epochs per
-method), and its plain-Python twin examples/quickstart.py holds the same cells."""
+method), its plain-Python twin examples/quickstart.py holds the same cells, and it is stored
+executed (the documentation renders its outputs) from its current code."""
 
 import re
 import sys
@@ -9,7 +10,8 @@ import nbformat
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 NOTEBOOK = EXAMPLES / "quickstart.ipynb"
 SCRIPT = EXAMPLES / "quickstart.py"
 METHODS = ("NoProp-DT", "Backprop", "NoProp-FM")
@@ -37,9 +39,27 @@ def test_script_twin_holds_the_notebooks_cells():
   code = lambda cells: [src for kind, src in cells if kind == "code"]
   assert code(py_cells) == code(nb_cells), (
       "examples/quickstart.py and .ipynb differ; edit one and sync the other with "
-      "`jupytext --sync examples/quickstart.ipynb`")
+      "`jupytext --sync examples/quickstart.ipynb`, then execute it: "
+      "`python experiments/execute_notebook.py`")
   assert py_cells == nb_cells  # the explanations too
   assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_notebook_is_stored_executed_from_its_current_code():
+  sys.path.insert(0, str(ROOT / "experiments"))
+  from execute_notebook import sources_hash
+
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  stamp = nb.metadata.get("noprop_jax", {})
+  assert stamp.get("sources_sha256") == sources_hash(nb), (
+      "examples/quickstart.ipynb's code changed since it was executed (or it never was): run "
+      "python experiments/execute_notebook.py")
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run top to bottom"
+  outputs = [o for c in code for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # the curves, the digits
+  assert stamp["versions"]["jax"] and stamp["machine"]["summary"]
 
 
 def test_notebook_runs_and_reports_accuracies(tmp_path, monkeypatch):
@@ -53,7 +73,7 @@ def test_notebook_runs_and_reports_accuracies(tmp_path, monkeypatch):
       f"kernel python3 would start {spec.argv[0]!r}, not this interpreter")
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  # Shrunk like the README's examples (tests/test_readme.py): T=10 blocks -> T=3, in the
+  # Shrunk like the documentation's examples (tests/test_readme.py): T=10 blocks -> T=3, in the
   # copy that runs only. Compiling the T=10 steps was most of this test's time.
   models = [c for c in nb.cells if c.cell_type == "code" and "T=10)" in c.source]
   assert len(models) == 2, "the DT and backprop models are built with T=10"
