@@ -1,7 +1,8 @@
 """Results files: what a benchmark measured, with where, when and how it was measured.
 
-Every measured figure the README shows comes from one of these JSON files, written by the
-command that measured it (`write`) and rendered into the README by `render_results.py`.
+Every measured figure the README and the documentation show comes from one of these JSON
+files, written by the command that measured it (`write`) and rendered into the pages by
+`render_results.py`.
 """
 
 import datetime

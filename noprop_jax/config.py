@@ -7,7 +7,7 @@
   train   `TrainConfig`: optimizer, budget, seed, evaluation, execution
 
 Every setting is a dataclass field that carries its help (`setting`): the command line
-and the README's flag table (`cli`) are made from the fields. Defaults that depend on the
+and the documentation's flag tables (`cli`) are made from the fields. Defaults that depend on the
 method and dataset (its training budget, how often to evaluate) come from the method's
 record, filled in by `RunConfig.create`.
 """

@@ -2,8 +2,8 @@
 
 XLA:CPU emits the weight gradient of a convolution very slowly when the
 convolution sits under `jax.vmap` (a batch-group-count convolution) or inside a
-loop body, far slower than the same product as a GEMM (the README's benchmark
-section has the figures). `conv2d` keeps the stock forward convolution, writes
+loop body, far slower than the same product as a GEMM (the documentation's
+performance page has the figures). `conv2d` keeps the stock forward convolution, writes
 the input gradient as a forward convolution too (see `_bwd`) and the weight
 gradient as `patches^T @ grad_out`, which XLA turns into one GEMM (a batched
 GEMM under `vmap`). Mathematically it is the same function with the same

@@ -10,8 +10,8 @@ only through its `Method` record, found by name in the registry:
   trainer.train(RunConfig.create("my_method", T=4), "runs/mine")
 
 or from the command line, `experiments/train.py --method-module my_method --method my_method`
-(the module registers its method when imported). The README's "Writing your own
-method" walks through a complete one.
+(the module registers its method when imported). The documentation's "Writing your
+own method" (docs/guide/own-method.md) walks through a complete one.
 
 The functions' signatures (the names are the record's fields):
 

@@ -1,6 +1,6 @@
 """A setting: a dataclass field that carries its one-line help.
 
-The command line's flags, their help and the README's flag table are made from these
+The command line's flags, their help and the documentation's flag tables are made from these
 fields (`cli`), so a setting is described once, where it is defined:
 
   @dataclasses.dataclass(frozen=True)

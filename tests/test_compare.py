@@ -1,4 +1,4 @@
-"""experiments/compare.py: a row trains, and its table entry holds what the README reports."""
+"""experiments/compare.py: a row trains, and its table entry holds what the documentation reports."""
 
 import json
 import sys

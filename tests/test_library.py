@@ -1,5 +1,5 @@
 """The library's shape: methods independent of each other, the seed outside compiled code,
-any Flax block, and one flag per setting (the README's table included)."""
+any Flax block, and one flag per setting (the documentation's table included)."""
 
 import argparse
 import ast
@@ -302,10 +302,9 @@ def test_flags_reach_their_settings():
     cli.from_args(_train_parser().parse_args(["--method", "ct", "--T", "3"]))
 
 
-def test_readme_flag_table_is_generated_from_the_settings():
-  text = (ROOT / "README.md").read_text()
+def test_cli_page_flag_table_is_generated_from_the_settings():
+  text = (ROOT / "docs" / "guide" / "cli.md").read_text()
   assert text.count("<!-- flags -->\n") == 1 and text.count("<!-- /flags -->") == 1
   section = text.split("<!-- flags -->\n", 1)[1].split("<!-- /flags -->", 1)[0]
   assert section.strip() == cli.flag_table().strip(), (
-      "README.md's flag table is out of date: paste `python experiments/train.py --flag-table` "
-      "between <!-- flags --> and <!-- /flags -->")
+      "docs/guide/cli.md's flag table is out of date: run python experiments/render_results.py")

@@ -1,4 +1,5 @@
-"""The README's functional-API examples run (shrunk: T=2, one or two epochs, few solver steps)."""
+"""The documentation's code examples run (shrunk: T=2, one or two epochs, few solver steps):
+the functional-API page's (docs/guide/functional-api.md) and the README's."""
 
 import re
 from pathlib import Path
@@ -17,10 +18,12 @@ def _mean_path_accuracy(module, model, state, x, y) -> float:
   return int(correct) / len(y)
 
 
-def test_readme_examples_run(capsys):
-  text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-  section = text.split("## The functional API\n", 1)[1].split("\n## ", 1)[0]
-  dt_code, more_code = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_functional_api_page_examples_run(capsys):
+  text = (ROOT / "docs" / "guide" / "functional-api.md").read_text()
+  dt_code, more_code = re.findall(r"```python\n(.*?)```", text, re.S)[:2]
   assert "T=10" in dt_code and "range(15)" in dt_code
   assert "T=10" in more_code and "range(3)" in more_code and "inference_steps=100" in more_code
   scope = {}
@@ -48,3 +51,20 @@ def test_readme_examples_run(capsys):
   assert float(scope["value"]) == pytest.approx(sum(float(v) for v in scope["terms"].values()),
                                                 rel=1e-6)
   assert scope["sampled"].shape == scope["logits"].shape == (len(scope["y_test"]), 10)
+
+
+def test_readme_example_runs(capsys):
+  text = (ROOT / "README.md").read_text()
+  (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+  assert "T=10" in code and "range(10)" in code and len(code.splitlines()) <= 25
+  scope = {}
+  exec(code.replace("T=10", "T=2").replace("range(10)", "range(2)"), scope)
+  out = capsys.readouterr().out
+  acc = float(re.search(r"^test accuracy: (\S+)$", out, re.M).group(1))
+  x, y, n = scope["x"], scope["y"], len(scope["y"]) - 1500
+  assert scope["logits"].shape == (n, 10)
+  assert abs(acc * n - round(acc * n)) < 1e-6 * n  # a fraction of the test digits...
+  # ... and the trained model's own, as the library's evaluation counts it
+  assert acc == pytest.approx(_mean_path_accuracy(dt, scope["model"], scope["state"], x[1500:],
+                                                  y[1500:]), abs=1e-6)
+  assert acc > 0.2, out  # T=2, two epochs: above chance (0.1)
