@@ -50,7 +50,8 @@ from noprop_jax import backprop, dt, fm
 
 EPOCHS = int(os.environ.get("QUICKSTART_EPOCHS", 30))  # passes over the training set
 BATCH = 64
-print("jax", jax.__version__, "on", jax.default_backend(), "| noprop_jax", noprop_jax.__version__)
+print("jax", jax.__version__, "on", jax.devices()[0].device_kind, f"({os.cpu_count()} CPU cores)",
+      "| noprop_jax", noprop_jax.__version__)  # the machine the timings below come from
 
 # %% [markdown]
 # ## The data: plain arrays
