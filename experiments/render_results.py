@@ -113,10 +113,13 @@ def compare(res: dict, view: str | None = None) -> str:
   accuracy columns only."""
   import compare as compare_script
   rows, st = res["rows"], res["settings"]
-  what = (f"{rows[0]['dataset']}, {st['epochs'] or 'the default number of'} epoch(s) per row, "
-          f"batch {st['batch_size']}, seed {st['seed']}" +
-          (f", {st['inference_steps']} Euler steps at inference for CT and FM"
-           if st.get("inference_steps") else ""))
+  epochs = st["epochs"]
+  what = (f"{st['dataset']}, {epochs or 'the default number of'} "
+          f"{'epoch' if epochs == 1 else 'epochs'} per row, batch {st['batch_size']}, seed "
+          f"{st['seed']}" + (f", {st['inference_steps']} Euler steps at inference for CT and FM"
+                             if st.get("inference_steps") else "") +
+          ("; the adjoint solves with its own steps in training and inference"
+           if "adjoint" in st["methods"] else "") + "; sampled: one sampled run")
   if view == "headline":
     from noprop_jax import method as methods
     out = [_source(res), "", f"Test accuracy, %: {what}.", "",
@@ -182,6 +185,7 @@ RENDERERS = {"results/cpu_benchmark.json": cpu_benchmark,
              "results/cpu_benchmark_cifar10.json": cpu_benchmark,
              "results/cpu_memory.json": cpu_memory,
              "results/compare_mnist.json": compare,
+             "results/compare_mnist_vit.json": compare,
              "results/continual_split_mlp.json": continual,
              "results/precision_mnist.json": precision,
              "results/inference_mnist_ct.json": inference,
