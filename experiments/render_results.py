@@ -205,6 +205,9 @@ def render(text: str, root: Path = ROOT) -> str:
     name, view = m.group(2), m.group(3)
     if name not in RENDERERS:
       raise SystemExit(f"no renderer for {name}; known: {sorted(RENDERERS)}")
+    if not (root / name).is_file():
+      raise SystemExit(f"{name} does not exist: run the command that writes it (named beside its "
+                       "block), then render")
     res = json.loads((root / name).read_text())
     return m.group(1) + RENDERERS[name](res, view) + m.group(5)
 
