@@ -143,9 +143,12 @@ def continual(res: dict, view: str | None = None) -> str:
 def precision(res: dict, view: str | None = None) -> str:
   """bfloat16 against float32, paired by seed (`experiments/precision_check.py --out`)."""
   rows, st = res["rows"], res["settings"]
-  out = [_source(res), "", f"{st['dataset']}, {st['n_train']:,} training examples, "
-         f"{rows[0]['epochs']} epoch(s); test accuracy, mean ± sd over seeds; bf16 - f32: the "
-         "mean of the paired differences ± its standard error.", "",
+  from noprop_jax import method as methods
+  epochs = rows[0]["epochs"]
+  out = [_source(res), "", f"{st['dataset']}, {st['n_train']:,} training examples, {epochs:g} "
+         f"{'epoch' if epochs == 1 else 'epochs'}; test accuracy, mean ± sd over seeds; bf16 - "
+         "f32: the mean of the paired differences ± its standard error. (On a CPU bfloat16 is "
+         "emulated: this measures accuracy, not speed.)", "",
          "| method | inference | float32 | bfloat16 | bf16 - f32 | seeds |",
          "|---|---|---:|---:|---:|---:|"]
   sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")
@@ -157,7 +160,7 @@ def precision(res: dict, view: str | None = None) -> str:
       seeds = sorted(set(acc["float32"]) & set(acc["bfloat16"]))
       f32, b16 = [acc["float32"][k] for k in seeds], [acc["bfloat16"][k] for k in seeds]
       diff = [b - f for b, f in zip(b16, f32)]
-      out.append(f"| {method} | {name} | {statistics.mean(f32):.4f} ± {sd(f32):.4f} | "
+      out.append(f"| {methods.get(method).title} | {name} | {statistics.mean(f32):.4f} ± {sd(f32):.4f} | "
                  f"{statistics.mean(b16):.4f} ± {sd(b16):.4f} | {statistics.mean(diff):+.4f} ± "
                  f"{sd(diff) / len(diff) ** 0.5:.4f} | {len(seeds)} |")
   return "\n".join(out) + "\n"
