@@ -49,20 +49,28 @@ def _spread(values: list[float]) -> float:
   return statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
+def paired(rows: list[dict], method: str, key: str) -> dict:
+  """One method's `key` over the seeds run in both precisions: each precision's mean and sd,
+  and the paired bf16 - f32 difference's mean and standard error."""
+  acc = {p: {r["seed"]: r[key] for r in rows if r["method"] == method and r["precision"] == p}
+         for p in PRECISIONS}
+  seeds = sorted(set(acc["float32"]) & set(acc["bfloat16"]))
+  f32, b16 = [acc["float32"][s] for s in seeds], [acc["bfloat16"][s] for s in seeds]
+  diff = [b - f for b, f in zip(b16, f32)]
+  return {"float32": (statistics.mean(f32), _spread(f32)),
+          "bfloat16": (statistics.mean(b16), _spread(b16)),
+          "diff": (statistics.mean(diff), _spread(diff) / len(diff) ** 0.5), "seeds": len(seeds)}
+
+
 def table(rows: list[dict], key: str) -> str:
   """Per method: each precision's mean ± sd over seeds, and the paired bf16 - f32
   difference's mean ± standard error."""
   out = [f"{'method':18s} {'float32':>16s} {'bfloat16':>16s} {'bf16 - f32':>18s} {'seeds':>5s}"]
   for method in dict.fromkeys(r["method"] for r in rows):
-    acc = {p: {r["seed"]: r[key] for r in rows if r["method"] == method and r["precision"] == p}
-           for p in PRECISIONS}
-    seeds = sorted(set(acc["float32"]) & set(acc["bfloat16"]))
-    diff = [acc["bfloat16"][s] - acc["float32"][s] for s in seeds]
-    cell = lambda v: f"{statistics.mean(v):.4f} ± {_spread(v):.4f}"
-    se = _spread(diff) / len(diff) ** 0.5
-    out.append(f"{method:18s} {cell([acc['float32'][s] for s in seeds]):>16s} "
-               f"{cell([acc['bfloat16'][s] for s in seeds]):>16s} "
-               f"{statistics.mean(diff):+.4f} ± {se:.4f} {len(seeds):5d}")
+    c = paired(rows, method, key)
+    cell = lambda v: f"{v[0]:.4f} ± {v[1]:.4f}"
+    out.append(f"{method:18s} {cell(c['float32']):>16s} {cell(c['bfloat16']):>16s} "
+               f"{c['diff'][0]:+.4f} ± {c['diff'][1]:.4f} {c['seeds']:5d}")
   return "\n".join(out)
 
 

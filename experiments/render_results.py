@@ -16,7 +16,6 @@ The pages are README.md and every docs/**/*.md. Blocks this script owns:
 import argparse
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -151,18 +150,14 @@ def precision(res: dict, view: str | None = None) -> str:
          "emulated: this measures accuracy, not speed.)", "",
          "| method | inference | float32 | bfloat16 | bf16 - f32 | seeds |",
          "|---|---|---:|---:|---:|---:|"]
-  sd = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")
+  from precision_check import paired
   for method in dict.fromkeys(r["method"] for r in rows):
     for key, name in (("test_accuracy_mean_path", "mean path"),
                       ("test_accuracy_stochastic", "sampled")):
-      acc = {p: {r["seed"]: r[key] for r in rows if r["method"] == method and r["precision"] == p}
-             for p in ("float32", "bfloat16")}
-      seeds = sorted(set(acc["float32"]) & set(acc["bfloat16"]))
-      f32, b16 = [acc["float32"][k] for k in seeds], [acc["bfloat16"][k] for k in seeds]
-      diff = [b - f for b, f in zip(b16, f32)]
-      out.append(f"| {methods.get(method).title} | {name} | {statistics.mean(f32):.4f} ± {sd(f32):.4f} | "
-                 f"{statistics.mean(b16):.4f} ± {sd(b16):.4f} | {statistics.mean(diff):+.4f} ± "
-                 f"{sd(diff) / len(diff) ** 0.5:.4f} | {len(seeds)} |")
+      c = paired(rows, method, key)
+      out.append(f"| {methods.get(method).title} | {name} | {c['float32'][0]:.4f} ± "
+                 f"{c['float32'][1]:.4f} | {c['bfloat16'][0]:.4f} ± {c['bfloat16'][1]:.4f} | "
+                 f"{c['diff'][0]:+.4f} ± {c['diff'][1]:.4f} | {c['seeds']} |")
   return "\n".join(out) + "\n"
 
 
