@@ -170,13 +170,11 @@ def main(argv=None) -> int:
           + table(results) + "\n")
   print(table(results))
   if args.results and results:
-    device = jax.devices()[0]
     results_file.write(
         Path(args.results), __file__, argv, results,
         settings={k: getattr(args, k) for k in ("dataset", "methods", "blocks", "epochs",
                                                 "inference_steps", "batch_size", "train_size",
-                                                "seed")},
-        backend=device.platform, device_kind=device.device_kind, failed=failed,
+                                                "seed")}, failed=failed,
         note=TABLE_NOTE)
   if failed:
     print(f"error: rows that failed: {' '.join(failed)}", file=sys.stderr)

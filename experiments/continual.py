@@ -461,12 +461,10 @@ def main(argv=None) -> int:
                                   f"mean ± s.e. over {args.seeds} seeds, in %\n\n{table(results)}\n")
   plot(results, out)
   if args.results:
-    device = jax.devices()[0]
     results_file.write(Path(args.results), __file__, argv, results,
                        settings={k: getattr(args, k) for k in (
                            "dataset", "scenario", "tasks", "methods", "blocks", "epochs_per_task",
-                           "steps_per_task", "seeds", "batch_size", "lr", "inference_steps", "T")},
-                       backend=device.platform, device_kind=device.device_kind)
+                           "steps_per_task", "seeds", "batch_size", "lr", "inference_steps", "T")})
   print(table(results))
   print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'plots'}/")
   return 0

@@ -199,12 +199,10 @@ def main(argv=None) -> int:
     if args.json:
       print(json.dumps(row))
   if args.out:
-    device = jax.devices()[0]
     results.write(args.out, __file__, argv, rows,
                   settings={"method": cfg.method, "dataset": dataset, "steps": args.steps,
                             "timed_images": n, "repeats": args.repeats,
-                            "workdir": args.workdir, "trained_step": step},
-                  backend=device.platform, device_kind=device.device_kind)
+                            "workdir": args.workdir, "trained_step": step})
     print(f"wrote {args.out}")
   return 0
 

@@ -21,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
 
 from noprop_jax import data, host_memory
 from noprop_jax import method as methods
@@ -102,12 +101,10 @@ def main(argv=None) -> int:
   for key, name in (("test_accuracy_mean_path", "mean path"), ("test_accuracy_stochastic", "sampled")):
     print(f"\n{name}\n{table(rows, key)}")
   if args.out:
-    device = jax.devices()[0]
     results.write(Path(args.out), __file__, argv, rows,
                   settings={"methods": args.methods, "dataset": ds.name, "source": ds.source,
                             "n_train": len(ds.train.labels), "epochs": args.epochs,
                             "seeds": args.seeds, "inference_steps": args.inference_steps},
-                  backend=device.platform, device_kind=device.device_kind,
                   host_memory=host_memory.status)
     print(f"\nwrote {args.out}")
   return 0

@@ -49,8 +49,14 @@ def machine(backend: str, device_kind: str) -> dict:
 
 
 def write(path: Path, script: str, argv: list[str] | None, rows: list[dict], settings: dict,
-          backend: str, device_kind: str, **extra) -> None:
-  """The results file: the command, the date (UTC), machine, versions, settings, rows."""
+          backend: str | None = None, device_kind: str | None = None, **extra) -> None:
+  """The results file: the command, the date (UTC), machine, versions, settings, rows. The
+  machine is JAX's first device unless `backend` and `device_kind` name another (a
+  benchmark that measured in a process of its own)."""
+  if backend is None or device_kind is None:
+    import jax
+    device = jax.devices()[0]
+    backend, device_kind = backend or device.platform, device_kind or device.device_kind
   argv = sys.argv[1:] if argv is None else argv
   result = {"command": " ".join(["python", f"experiments/{Path(script).name}", *argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
