@@ -580,15 +580,17 @@ class BlockConfig:
                        f"{self.vit_heads} (each head gets width / heads channels)")
 
 
-def resolve_conv_impl(conv_impl: str, looped: bool, backend: str | None = None) -> str:
-  """'auto' -> on XLA:CPU, im2col + GEMM ('gemm') for blocks unrolled in one program, and
-  the matmul weight gradient ('patches') under vmap or in loops (the stock conv weight
-  gradient is very slow there); on `backend` GPU/TPU (default: JAX's), the stock one."""
+def resolve_conv_impl(conv_impl: str, vmapped: bool, backend: str | None = None) -> str:
+  """'auto' -> on XLA:CPU, im2col + GEMM ('gemm') for blocks computed one by one (unrolled,
+  or one at a time in a loop), and the matmul weight gradient ('patches') for blocks
+  vmapped together, where the GEMMs become batched ones and the stock convolution's
+  weight gradient (a batch-group convolution) is very slow; on `backend` GPU/TPU
+  (default: JAX's), the stock one."""
   if conv_impl != "auto":
     return conv_impl
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
-  return "patches" if looped else "gemm"
+  return "patches" if vmapped else "gemm"
 
 
 def padding_for(input_shape: tuple[int, ...]) -> str:
@@ -598,13 +600,13 @@ def padding_for(input_shape: tuple[int, ...]) -> str:
 
 
 def make(cfg: BlockConfig, time_conditioned: bool, num_classes: int,
-         input_shape: tuple[int, ...], prototype: bool = False, looped: bool = False,
+         input_shape: tuple[int, ...], prototype: bool = False, vmapped: bool = False,
          backend: str | None = None) -> nn.Module:
   """The block `cfg` names, for (x, z) (or (x, z, t) when `time_conditioned`).
 
   `prototype`: z is a prototype embedding of the input's size, which the paper's blocks
   read as an image through their own copy of the image pathway (the MLP and ViT blocks
-  read it as any vector). `looped`: the blocks run under vmap or in a loop (picks the
+  read it as any vector). `vmapped`: several blocks run batched under vmap (picks the
   CPU convolution); resolved here, before tracing, for `backend` (default: JAX's).
   """
   if cfg.block == "mlp":
@@ -620,5 +622,5 @@ def make(cfg: BlockConfig, time_conditioned: bool, num_classes: int,
                dropout=cfg.vit_dropout, stem=cfg.vit_stem)
   cls = CTBlock if time_conditioned else DTBlock
   return cls(num_classes, padding_for(input_shape), cfg.dropout,
-             resolve_conv_impl(cfg.conv_impl, looped, backend),
+             resolve_conv_impl(cfg.conv_impl, vmapped, backend),
              prototype_shape=tuple(input_shape) if prototype else None)

@@ -25,12 +25,12 @@ def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int,
   """The method's Model for data of this shape, with the configured block. `compute` is
   resolved; with `backend` (default: JAX's) it picks the paper block's convolution."""
   method = cfg.method_record
-  looped = method.side_by_side and (compute.formulation != "unroll"
-                                    or compute.blocks_per_step < cfg.T)
+  vmapped = (method.side_by_side and compute.formulation == "vmap"
+             and compute.blocks_per_step > 1)
   # The block's output size: the classes' logits, or another size the method asks for.
   out = method.block_outputs(cfg.model, num_classes) if method.block_outputs else num_classes
   block = blocks.make(cfg.block, method.time_conditioned, out, tuple(input_shape),
-                      prototype=cfg.model.get("embedding") == "prototype", looped=looped,
+                      prototype=cfg.model.get("embedding") == "prototype", vmapped=vmapped,
                       backend=backend)
   return method.Model(block, tuple(input_shape), num_classes, **cfg.model)
 

@@ -16,7 +16,7 @@ B = 16
 SHAPE = (8, 8, 1)
 # Models: `make_model("dt", T=..., formulation=...)`, the paper's block at the digits' 8x8x1
 # (SAME padding), built as the trainer builds it: formulation "unroll" runs the blocks one
-# by one, "vmap" or "scan" maps them (the CPU convolution for looped blocks).
+# by one, "vmap" batches them and "scan" loops over them (each with its CPU convolution).
 
 
 def _batch(seed=0):

@@ -32,22 +32,25 @@ def _steps(digits, cfg, n=3):
   return state, m
 
 
-# Against all T vmapped (the reference, which test_mesh.py compares on 8 devices); all T
-# unrolled computes the same gradients as vmap and scan (test_dt.py).
-SETTINGS = [dict(formulation="unroll", blocks_per_step=2), dict(formulation="vmap", blocks_per_step=2),
-            dict(formulation="scan")]
+# Against all T at once (the reference: vmapped, which test_mesh.py compares on 8 devices, or
+# unrolled); all T unrolled computes the same gradients as vmap and scan (test_dt.py).
+SETTINGS = {"patches": ("vmap", [dict(formulation="unroll", blocks_per_step=2),
+                                 dict(formulation="vmap", blocks_per_step=2), dict(formulation="scan")]),
+            "gemm": ("unroll", [dict(formulation="unroll", blocks_per_step=2), dict(formulation="scan")])}
 
 
-def test_every_blocks_per_step_setting_takes_the_same_step(digits):
-  """Chunks of k blocks (vmapped or unrolled, the chunks scanned) only reorder floats: from
-  each state of a three-step reference run, every setting's step gives the reference's next
-  state (parameters, optimizer state, BatchNorm statistics, key, count) and block losses.
+@pytest.mark.parametrize("conv_impl", SETTINGS)
+def test_every_blocks_per_step_setting_takes_the_same_step(digits, conv_impl):
+  """Chunks of k blocks (vmapped or unrolled, the chunks scanned; one block at a time in
+  a scan) only reorder floats: from each state of a three-step reference run, every
+  setting's step gives the reference's next state (parameters, optimizer state, BatchNorm
+  statistics, key, count) and block losses.
 
   Step by step from the same states, not three steps each: the last block's Eq. 8 weight,
   SNR(T) - SNR(T-1) ~ 1e4, grows float differences of ~1e-6 to a few % of its parameters
   within three steps, by an amount that depends on how the compiler orders the sums.
-  One convolution for all settings: 'auto' picks the GEMM convolution for all T unrolled
-  and the patches one otherwise, whose float differences would add to that."""
+  One convolution per test: 'auto' picks the patches one for vmapped blocks and the GEMM
+  one for blocks computed one by one, whose float differences would add to that."""
   assert trainer.resolve_compute(_cfg(formulation="unroll")).blocks_per_step == 4
   assert trainer.resolve_compute(_cfg(formulation="scan")).blocks_per_step == 1
 
@@ -57,18 +60,33 @@ def test_every_blocks_per_step_setting_takes_the_same_step(digits):
 
   batches = [(digits.train.images[64 * i:64 * (i + 1)], digits.train.labels[64 * i:64 * (i + 1)])
              for i in range(3)]
-  cfg = _cfg(formulation="vmap", conv_impl="patches")
+  ref_formulation, settings = SETTINGS[conv_impl]
+  cfg = _cfg(formulation=ref_formulation, conv_impl=conv_impl)
   ref, ref_step = [(trainer.init_state(cfg, build(cfg)[1], jax.random.key(0)), None)], stepper(cfg)
   for x, y in batches:
     ref.append(ref_step(ref[-1][0], x, y))
-  for kw in SETTINGS:
-    step = stepper(_cfg(conv_impl="patches", **kw))
+  for kw in settings:
+    step = stepper(_cfg(conv_impl=conv_impl, **kw))
     for i, (x, y) in enumerate(batches):
       state, m = step(ref[i][0], x, y)
       want, m_want = ref[i + 1]
       # Equal up to float reordering, leaf by leaf.
       assert_trees(state, want, atol=reordering_atol, what=f"{kw} step {i}")
       np.testing.assert_allclose(m["block_loss"], m_want["block_loss"], rtol=1e-4)
+
+
+def test_auto_picks_the_convolution_by_how_the_blocks_are_mapped():
+  """On XLA:CPU 'auto' gives blocks computed one by one (all T or chunks unrolled, one at a
+  time in a scan) the GEMM convolution, and vmapped chunks the patches one; GPU/TPU get
+  the stock convolution."""
+  def impl(backend="cpu", **kw):
+    cfg = _cfg(**kw)
+    return build(cfg, backend=backend)[1].block.conv_impl
+
+  assert impl(formulation="unroll") == impl(formulation="unroll", blocks_per_step=2) == "gemm"
+  assert impl(formulation="scan") == impl(formulation="vmap", blocks_per_step=1) == "gemm"
+  assert impl(formulation="vmap") == impl(formulation="vmap", blocks_per_step=2) == "patches"
+  assert impl("gpu", formulation="scan") == impl("tpu", formulation="unroll") == "xla"
 
 
 def test_chunks_reach_every_block_once(digits):

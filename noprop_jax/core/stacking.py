@@ -41,7 +41,8 @@ def map_blocks(fn: Callable, xs: Any, compute: Compute) -> Any:
 
   k = blocks_per_step blocks run at once ('vmap': batched into one program, fast on
   GPU/TPU; 'unroll': k copies, fast on XLA:CPU) and the T / k chunks one after another
-  in a `lax.scan` ('scan' is k = 1): fewer at once need less temporary memory. Under a
+  in a `lax.scan` ('scan' is k = 1, fn called on the one block itself, with no vmap axis
+  of size 1): fewer at once need less temporary memory. Under a
   context mesh with a 'blocks' axis of n devices, each device maps over its own T / n
   blocks, k / n at once (`sharding.over_blocks`). Same results for every k and mesh up
   to float reordering.
@@ -61,7 +62,7 @@ def map_blocks(fn: Callable, xs: Any, compute: Compute) -> Any:
 def _map_chunks(fn: Callable, xs: Any, k: int, formulation: str) -> Any:
   """fn over the leading axis of `xs`, k at a time; chunk c holds blocks c, c + n, ..."""
   T = num_stacked(xs)
-  if formulation == "unroll":
+  if formulation == "unroll" or k == 1:  # one block: its own program, no batch axis of 1
     inner = lambda c: _stack([fn(jax.tree.map(lambda a: a[i], c)) for i in range(k)])
   else:
     inner = jax.vmap(fn)
