@@ -87,7 +87,7 @@ def cases(args) -> dict[str, tuple[str, str, RunConfig]]:
       out[f"chunks{k}-{form}"] = (f"chunks of {k} ({form})", "parallel",
                                   dt_cfg(formulation=form, blocks_per_step=k))
   if T > 1:
-    out["chunks1-scan"] = ("chunks of 1 (scan)", "parallel", dt_cfg(formulation="vmap", blocks_per_step=1))
+    out["chunks1-scan"] = ("chunks of 1 (scan)", "parallel", dt_cfg(formulation="scan"))
   out["algorithm1"] = ("one block per step (Algorithm 1)", "algorithm1", dt_cfg(training="sequential"))
   bp_label = "backprop" + (" (float32)" if args.precision != "float32" else "")
   out["backprop"] = (bp_label, "backprop", RunConfig.create("backprop", **base))

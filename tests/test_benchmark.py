@@ -30,8 +30,8 @@ def test_benchmark_rows(capsys):
   rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   train = {r["case"]: r for r in rows if r["table"] == "train"}
   assert set(train) == {"vmap", "chunks1-scan", "algorithm1"}  # at T=2 the only chunks: of 1
-  # The resolved settings are the library's: chunks of 1 scan vmapped single blocks.
-  assert train["vmap"]["resolved"].startswith("vmap/2/") and train["chunks1-scan"]["resolved"].startswith("vmap/1/")
+  # The resolved settings are the library's: chunks of 1 are the scan, one block at a time.
+  assert train["vmap"]["resolved"].startswith("vmap/2/") and train["chunks1-scan"]["resolved"].startswith("scan/1/")
   assert "one block per step (Algorithm 1)" in out and "NoProp-FM" in out
   cpu = jax.default_backend() == "cpu"
   a1, vmap = train["algorithm1"], train["vmap"]
