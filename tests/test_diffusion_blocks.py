@@ -176,7 +176,7 @@ class TaggedBlock(nn.Module):
 
 
 @pytest.mark.parametrize("T", [1, 3, 5])
-@pytest.mark.parametrize("formulation", ["unroll", "vmap"])
+@pytest.mark.parametrize("formulation", ["unroll", "vmap", "scan"])
 def test_inference_calls_each_block_once_from_the_noisiest(T, formulation, digits):
   model = db.Model(TaggedBlock(), (8, 8, 1), M, T=T, embedding_dim=D)
   state = db.init(model, jax.random.key(0))

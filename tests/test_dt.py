@@ -237,6 +237,22 @@ def test_predict_modes_and_shapes(strict_dtypes):
     dt.predict(model, state, x, mode="greedy")
 
 
+def test_predictions_are_the_same_however_the_blocks_are_mapped(strict_dtypes):
+  """Inference maps the blocks as the training step does (all T unrolled or vmapped, or one
+  at a time in a scan), each with the convolution its model was built with: the same
+  logits, mean path and sampled, up to float reordering."""
+  models = {f: make_model("dt", T=3, formulation=f) for f in ("unroll", "vmap", "scan")}
+  assert core.chain_compute(3, Compute("scan")) == Compute("scan", blocks_per_step=1)
+  state = dt.init(models["unroll"], jax.random.key(0))
+  state["shared"]["head"]["kernel"] = jax.random.normal(jax.random.key(9), (10, 10))  # not zero
+  x, _ = _batch()
+  for mode, key in (("mean", None), ("stochastic", jax.random.key(1))):
+    want = dt.predict(models["unroll"], state, x, key, mode, compute=Compute("unroll"))
+    for f in ("vmap", "scan"):
+      got = dt.predict(models[f], state, x, key, mode, compute=Compute(f))
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{f} {mode}")
+
+
 def test_mean_path_chain_matches_explicit_update(strict_dtypes):
   """The scan applies z_t = a_t u_hat + b_t z_{t-1} + sqrt(c_t) eps_t block by block, on
   the features computed once per input."""

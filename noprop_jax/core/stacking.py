@@ -30,10 +30,13 @@ def _stack(trees):
 
 
 def chain_compute(T: int, compute: Compute | None) -> Compute:
-  """How inference runs T stacked blocks, all at once: unrolled where the training step
-  unrolls (XLA:CPU), else 'vmap' (`map_blocks` vmaps, `fold_blocks` scans the chain)."""
+  """How inference runs T stacked blocks: as the training step maps them, all T at once
+  (unrolled where it unrolls, as on XLA:CPU, else vmapped), or one at a time where it
+  scans them (`map_blocks` then scans single blocks, with the convolution the block was
+  built with for that); `fold_blocks` unrolls the chain where the step unrolls, else
+  scans it."""
   form = (compute or Compute()).resolve(T).formulation
-  return Compute("unroll" if form == "unroll" else "vmap")
+  return Compute(form, blocks_per_step=1) if form == "scan" else Compute(form)
 
 
 def map_blocks(fn: Callable, xs: Any, compute: Compute) -> Any:
