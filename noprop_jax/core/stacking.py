@@ -31,10 +31,8 @@ def _stack(trees):
 
 def chain_compute(T: int, compute: Compute | None) -> Compute:
   """How inference runs T stacked blocks: as the training step maps them, all T at once
-  (unrolled where it unrolls, as on XLA:CPU, else vmapped), or one at a time where it
-  scans them (`map_blocks` then scans single blocks, with the convolution the block was
-  built with for that); `fold_blocks` unrolls the chain where the step unrolls, else
-  scans it."""
+  (unrolled, as on XLA:CPU, or vmapped) or one at a time where it scans them; `fold_blocks`
+  unrolls the chain where the step unrolls, else scans it."""
   form = (compute or Compute()).resolve(T).formulation
   return Compute(form, blocks_per_step=1) if form == "scan" else Compute(form)
 
