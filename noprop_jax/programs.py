@@ -25,8 +25,7 @@ def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int,
   """The method's Model for data of this shape, with the configured block. `compute` is
   resolved; with `backend` (default: JAX's) it picks the paper block's convolution."""
   method = cfg.method_record
-  vmapped = (method.side_by_side and compute.formulation == "vmap"
-             and compute.blocks_per_step > 1)
+  vmapped = method.side_by_side and core.vmaps_blocks(compute.formulation, compute.blocks_per_step)
   # The block's output size: the classes' logits, or another size the method asks for.
   out = method.block_outputs(cfg.model, num_classes) if method.block_outputs else num_classes
   block = blocks.make(cfg.block, method.time_conditioned, out, tuple(input_shape),

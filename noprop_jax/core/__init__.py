@@ -42,7 +42,7 @@ from noprop_jax.core.protocol import (apply, check_block, compute_dtype, feature
                                       has_split, init_block)
 from noprop_jax.core.settings import FORMULATIONS, PRECISIONS, Compute, Optim
 from noprop_jax.core.stacking import (chain_compute, fold_blocks, init_stacked, map_blocks,
-                                      num_stacked, put, take)
+                                      num_stacked, put, take, vmaps_blocks)
 from noprop_jax.core.state import Metrics, State, new_rng, step_key, stream
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "stacked_state", "stacked_update", "update_ok",
     # stacking
     "chain_compute", "fold_blocks", "init_stacked", "map_blocks", "num_stacked", "put", "take",
+    "vmaps_blocks",
     # memory
     "count_params", "peak_bytes",
 ]

@@ -29,6 +29,13 @@ def _stack(trees):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def vmaps_blocks(formulation: str, k: int) -> bool:
+  """Whether `map_blocks` batches k blocks at a time under `jax.vmap`: only 'vmap' with k > 1
+  does; 'unroll' writes k copies and a single block (the scan, k = 1) runs as itself. The
+  paper block picks its CPU convolution by this."""
+  return formulation == "vmap" and k > 1
+
+
 def chain_compute(T: int, compute: Compute | None) -> Compute:
   """How inference runs T stacked blocks: as the training step maps them, all T at once
   (unrolled, as on XLA:CPU, or vmapped) or one at a time where it scans them; `fold_blocks`
@@ -63,10 +70,10 @@ def map_blocks(fn: Callable, xs: Any, compute: Compute) -> Any:
 def _map_chunks(fn: Callable, xs: Any, k: int, formulation: str) -> Any:
   """fn over the leading axis of `xs`, k at a time; chunk c holds blocks c, c + n, ..."""
   T = num_stacked(xs)
-  if formulation == "unroll" or k == 1:  # one block: its own program, no batch axis of 1
-    inner = lambda c: _stack([fn(jax.tree.map(lambda a: a[i], c)) for i in range(k)])
-  else:
+  if vmaps_blocks(formulation, k):
     inner = jax.vmap(fn)
+  else:
+    inner = lambda c: _stack([fn(jax.tree.map(lambda a: a[i], c)) for i in range(k)])
   if k == T:
     return inner(xs)
   n = T // k  # [T, ...] -> [n, k, ...]: chunk c = blocks c, c + n, ...
