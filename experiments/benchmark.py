@@ -17,14 +17,16 @@ row, 'backprop' both back-propagation rows. With auto and other parallel rows, a
 says which formulation auto picked, which row was fastest, and whether auto is within
 10% of it (the rule `auto` must meet on every backend).
 
-Each step is compiled ahead of time (compile s = lower + compile) and the
-compiled step is timed: one warm-up step, then --repeats steps (Algorithm 1:
---repeats x T), each waited for; ms/step is their median. Memory is XLA's
-compiled memory analysis; where the device reports its peak (GPU/TPU) every
-row runs in a fresh process, as that peak never resets (the backend is found
-by a first child process, so this process never holds the device). FLOPs are
-XLA's cost analysis of the step with dropout off (its mask's integer hashing is no
-floating-point work), against a matmul peak measured at the start.
+Each step is compiled ahead of time (compile s = lower + compile), then the
+compiled steps are timed in --rounds rounds, the rows taking turns, so that a shared
+machine's drifting speed moves every row alike: each round, one warm-up step and then
+--repeats steps (Algorithm 1: --repeats x T), each waited for; ms/step is the median
+over all rounds. Memory is XLA's compiled memory analysis. Where the device reports
+its peak (GPU/TPU), that peak never resets, so every row runs all its rounds in a
+fresh process of its own (the backend is found by a first child process, so this
+process never holds the device). FLOPs are XLA's cost analysis of the step with
+dropout off (its mask's integer hashing is no floating-point work), against a
+matmul peak measured at the start.
 
 --methods NAME ... adds one row per registered method: its own training step (all its
 blocks, default settings but T), e.g. to compare a method of your own
@@ -240,8 +242,9 @@ def jitted_step(kind: str, cfg: RunConfig):
                  donate_argnums=0)
 
 
-def train_row(key: str, kind: str, cfg: RunConfig, repeats: int) -> dict:
-  """Compile one training step and time it; raw numbers (derived ones come later)."""
+def prepare_row(key: str, kind: str, cfg: RunConfig):
+  """Compile one training step: (its row without timings, `time(n)` -> the seconds of n
+  more steps after a warm-up, each waited for, the row's state carried from call to call)."""
   x, y = data(cfg)
   compute, T = build(cfg)[0], cfg.T
   state = init_state(cfg)
@@ -250,19 +253,43 @@ def train_row(key: str, kind: str, cfg: RunConfig, repeats: int) -> dict:
   t0 = time.perf_counter()
   compiled = step.lower(state, x, y).compile()
   compile_s = time.perf_counter() - t0
-  times, state = timings(compiled, state, x, y, n=repeats * (T if kind == "algorithm1" else 1))
-  s_per_step = statistics.median(times)
   temp, peak = xla_memory(compiled)
   # Loops that hold block work (XLA counts their body once): chunks of k < T blocks,
   # and backprop's chain of blocks, a lax.scan unless unrolled (XLA:CPU).
   looped = ((kind == "parallel" and compute.blocks_per_step < T)
             or (kind == "backprop" and compute.formulation != "unroll")
             or (kind == "method" and (compute.formulation == "scan" or compute.blocks_per_step < T)))
-  return {"table": "train", "case": key, "kind": kind, "resolved": resolved(kind, cfg),
-          "compile_s": compile_s, "s_per_step": s_per_step, "timed_steps": repeats * (
-              T if kind == "algorithm1" else 1),
-          "xla_temp_bytes": temp, "xla_peak_bytes": peak, "device_peak_bytes": device_peak(),
-          "flops_xla": arithmetic_flops(kind, cfg), "looped": looped, **spread(times)}
+  row = {"table": "train", "case": key, "kind": kind, "resolved": resolved(kind, cfg),
+         "compile_s": compile_s, "xla_temp_bytes": temp, "xla_peak_bytes": peak,
+         "flops_xla": arithmetic_flops(kind, cfg), "looped": looped}
+
+  def time_steps(n: int) -> list[float]:
+    nonlocal state
+    times, state = timings(compiled, state, x, y, n=n)
+    return times
+
+  return row, time_steps
+
+
+def train_rows(specs: list[tuple[str, str, RunConfig]], repeats: int, rounds: int) -> list[dict]:
+  """Compile every (key, kind, config) step, then time them in `rounds` alternating rounds
+  of `repeats` steps each (Algorithm 1: x T): on a shared machine whose speed drifts, the
+  rows' ratios are then measured side by side. Raw numbers (derived ones come later)."""
+  prepared = [prepare_row(*spec) for spec in specs]
+  times = [[] for _ in prepared]
+  # Algorithm 1 times T of its steps per repeat: every block then trains on the batch once.
+  steps = [repeats * (cfg.T if kind == "algorithm1" else 1) for _, kind, cfg in specs]
+  for _ in range(rounds):
+    for (_, time_steps), ts, n in zip(prepared, times, steps):
+      ts += time_steps(n)
+  return [{**row, "s_per_step": statistics.median(ts), "timed_steps": len(ts), "rounds": rounds,
+           "device_peak_bytes": device_peak(), **spread(ts)}
+          for (row, _), ts in zip(prepared, times)]
+
+
+def train_row(key: str, kind: str, cfg: RunConfig, repeats: int) -> dict:
+  """One training row alone: compiled, then `repeats` steps timed (Algorithm 1: x T)."""
+  return train_rows([(key, kind, cfg)], repeats, rounds=1)[0]
 
 
 def inference_rows(args) -> list[dict]:
@@ -376,8 +403,7 @@ def run_unit(unit: str, args, specs) -> list[dict]:
     return inference_rows(args)
   if unit == "torch":
     return torch_rows(args, specs)
-  _, kind, cfg = specs[unit]
-  return [train_row(unit, kind, cfg, args.repeats)]
+  return train_rows([(unit, *specs[unit][1:])], args.repeats, args.rounds)
 
 
 def run_child(unit: str, args) -> list[dict]:
@@ -497,8 +523,9 @@ def train_table(rows: list[dict], info: dict, args) -> str:
       out.append(line(f"  x T = {args.T} steps (T block updates)", r["ms_per_T_steps"], f"{'':9}",
                       r["flops"] and args.T * r["flops"]))
   out += [
-      f"ms/step: median of --repeats ({args.repeats}) steps, each waited for, after a warm-up "
-      f"(Algorithm 1: of {args.repeats} x T steps); compile s: lower + compile.",
+      f"ms/step: median of {args.rounds} rounds x --repeats ({args.repeats}) steps, each waited "
+      f"for, after a warm-up per round (Algorithm 1: {args.repeats} x T steps a round), the rows "
+      "taking turns round by round; compile s: lower + compile.",
       "examples/s: batch / time for every block to train on the batch once: batch / t_step, "
       "and batch / (T t_step) for Algorithm 1 (T of its steps = one parallel step's block updates).",
       "x Alg. 1: examples/s over Algorithm 1's. temp, peak: XLA's memory analysis (peak = arguments "
@@ -588,7 +615,8 @@ def main(argv=None) -> int:
                  "(JSON: command, date, machine, versions, settings)")
   p.add_argument("--matmul-size", type=int, default=None, help="default 4096 (GPU/TPU), 2048 (CPU)")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-  p.add_argument("--rounds", type=int, default=2, help="PyTorch comparison: alternating rounds")
+  p.add_argument("--rounds", type=int, default=2, help="rounds of --repeats steps per row, the "
+                 "rows taking turns (and of the PyTorch comparison's alternating timings)")
   p.add_argument("--torch-fm-batch", type=int, default=16, help="PyTorch comparison: FM images")
   p.add_argument("--torch-fm-steps", type=int, default=1000, help="PyTorch comparison: FM Euler steps")
   p.add_argument("--method-module", action="append", default=[], metavar="MODULE",
@@ -619,11 +647,11 @@ def main(argv=None) -> int:
   # auto reuses the row it resolves to where that row is measured anyway.
   same = next((k for k in keys if k != "auto" and specs[k][1] == "parallel" and res[k] == res["auto"]),
               None)
-  rows = []
-  for key in keys:
-    if key == "auto" and same:
-      continue
-    rows += run(key)
+  train = [k for k in keys if not (k == "auto" and same)]
+  if isolate:  # each row's rounds in its own process
+    rows = [r for key in train for r in run_child(key, args)]
+  else:  # every row's rounds alternate with the others'
+    rows = train_rows([(key, *specs[key][1:]) for key in train], args.repeats, args.rounds)
   if "auto" in keys:
     form, k, _ = res["auto"].split("/")
     if same:

@@ -40,14 +40,21 @@ def _ms(r: dict, key: str = "s") -> str:
           f"{1e3 * r[f'{key}_max']:.1f})")
 
 
+def _timed(res: dict, r0: dict) -> str:
+  """How many steps each row's time is the median of, and how they were taken."""
+  n, rounds = res["settings"]["repeats"], r0.get("rounds", 1)
+  steps = f"{n} steps (Algorithm 1: {n} x T)"
+  return (f"{rounds} rounds of {steps}, the rows taking turns round by round;" if rounds > 1
+          else f"{steps};")
+
+
 def cpu_benchmark(res: dict, view: str | None = None) -> str:
   rows = res["rows"]
   train = [r for r in rows if r["table"] == "train" and "error" not in r]
   r0 = train[0]
   out = [_source(res), "",
          f"One NoProp-DT training step, {r0['dataset']} shapes, batch {r0['batch_size']}, "
-         f"T = {r0['T']}, {r0['precision']}; ms per step: median (min-max) of "
-         f"{res['settings']['repeats']} steps (Algorithm 1: of {res['settings']['repeats']} x T); "
+         f"T = {r0['T']}, {r0['precision']}; ms per step: median (min-max) of {_timed(res, r0)} "
          f"matmul peak {res['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s.", "",
          "| case | resolved | ms per step | examples/s | x Algorithm 1 | % of matmul peak | XLA temp MiB |",
          "|---|---|---:|---:|---:|---:|---:|"]

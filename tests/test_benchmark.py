@@ -22,7 +22,7 @@ def test_benchmark_rows(capsys):
   batch, T, repeats = 16, 2, 1
   t0 = time.perf_counter()
   assert benchmark.main(["--dataset", "digits", "--T", str(T), "--batch-size", str(batch),
-                         "--repeats", str(repeats), "--json", "--inference-steps", "2",
+                         "--repeats", str(repeats), "--rounds", "2", "--json", "--inference-steps", "2",
                          "--matmul-size", "1024", "--cases", "vmap", "chunks", "algorithm1",
                          "--no-torch"]) == 0
   elapsed = time.perf_counter() - t0  # every row's compiling and timing happened within it
@@ -40,7 +40,7 @@ def test_benchmark_rows(capsys):
     # The derived numbers are the measured step time's: an Algorithm 1 step trains one
     # block, so every block sees the batch once in T of its steps.
     s, passes = r["s_per_step"], (T if r is a1 else 1)
-    assert r["timed_steps"] == repeats * passes
+    assert r["timed_steps"] == 2 * repeats * passes and r["rounds"] == 2
     assert r["ms_per_step"] == pytest.approx(1e3 * s) and r["steps_per_s"] == pytest.approx(1 / s)
     assert r["examples_per_s"] == pytest.approx(batch / (passes * s))
     assert r["x_algorithm1"] == pytest.approx(r["examples_per_s"] / a1["examples_per_s"])
@@ -72,6 +72,31 @@ def test_benchmark_rows(capsys):
     assert r["examples_per_s"] == pytest.approx(batch / s)
     assert r["ms_per_solver_step"] == pytest.approx(1e3 * s / r["solver_steps"])
     assert 0 < r["compile_s"] and 0 < r["compile_s"] + repeats * s < elapsed, (r, elapsed)
+
+
+def test_benchmark_rows_take_turns_round_by_round(monkeypatch):
+  # Every row is compiled first, then each round times every row once, in order, so that
+  # the machine's drift moves them alike; a row's time is the median over all its rounds.
+  calls = []
+
+  def prepare(key, kind, cfg):
+    row = {"case": key}
+    def time_steps(n):
+      calls.append((key, n))
+      return [float(len(calls))] * n
+    calls.append((key, "compiled"))
+    return row, time_steps
+
+  monkeypatch.setattr(benchmark, "prepare_row", prepare)
+  monkeypatch.setattr(benchmark, "device_peak", lambda: None)
+  cfg = type("Cfg", (), {"T": 3})()
+  rows = benchmark.train_rows([("a", "parallel", cfg), ("b", "algorithm1", cfg)], repeats=2, rounds=3)
+  assert calls == [("a", "compiled"), ("b", "compiled")] + [("a", 2), ("b", 6)] * 3
+  a, b = rows
+  assert (a["timed_steps"], b["timed_steps"]) == (6, 18) and a["rounds"] == b["rounds"] == 3
+  # a's rounds were timed at calls 3, 5, 7: seconds 3, 5, 7, twice each.
+  for r, (lo, mid, hi) in ((a, (3.0, 5.0, 7.0)), (b, (4.0, 6.0, 8.0))):
+    assert (r["s_min"], r["s_median"], r["s_max"]) == (lo, mid, hi) and r["s_per_step"] == mid
 
 
 def test_inference_benchmark_whole_block_impls_match_the_library(capsys):
