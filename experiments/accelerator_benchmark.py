@@ -15,7 +15,8 @@ batch 128, T = 10) and precision (float32, bfloat16):
      40, the parallel-training claim as a curve (--t-curve: which dataset/precision pairs);
   4. the PyTorch per-block loop (`torch_reference.py`) on the same device and shapes,
      float32, when torch is importable (with CUDA, on a GPU).
-Every timing is min / median / max over --repeats calls after a warm-up, each waited for.
+Every timing is min / median / max over --rounds rounds of --repeats calls, each round
+after a warm-up, each call waited for; the T-curve's two rows at each T take turns.
 Memory: XLA's compiled memory analysis, and where the device reports its peak (GPU/TPU)
 the peak of each training row alone: each runs in a fresh process, as that peak never
 resets (the T-curve rows share one process per pair: XLA's analysis only).
@@ -61,14 +62,15 @@ def run_unit(unit: dict) -> list[dict]:
     rows = []
     for T in unit["Ts"]:
       specs = benchmark.cases(argparse.Namespace(**{**vars(args), "T": T}))
-      for key in ("auto", "algorithm1"):
-        _, kind, cfg = specs[key]
-        r = benchmark.train_row(key, kind, cfg, unit["repeats"])
-        rows.append(_train_fields(r, {**common, "T": T}, backend, T if kind == "algorithm1" else 1))
+      # The pair takes turns (--rounds), so that their ratio is measured side by side.
+      pair = benchmark.train_rows([(key, *specs[key][1:]) for key in ("auto", "algorithm1")],
+                                  unit["repeats"], unit["rounds"])
+      rows += [_train_fields(r, {**common, "T": T}, backend, T if r["kind"] == "algorithm1" else 1)
+               for r in pair]
     return rows
   specs = benchmark.cases(args)
   label, kind, cfg = specs[unit["case"]]
-  r = benchmark.train_row(unit["case"], kind, cfg, unit["repeats"])
+  [r] = benchmark.train_rows([(unit["case"], kind, cfg)], unit["repeats"], unit["rounds"])
   return [_train_fields({**r, "name": label}, common, backend, unit["T"] if kind == "algorithm1" else 1)]
 
 
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
   p.add_argument("--t-curve", nargs="*", default=None, metavar="DATASET:PRECISION",
                  help="pairs for the T-curve (default: every dataset in float32, and the "
                  "first in bfloat16); none: skip it")
-  p.add_argument("--repeats", type=int, default=10, help="timed calls per row (Algorithm 1: x T)")
+  p.add_argument("--repeats", type=int, default=10, help="timed calls per round (Algorithm 1: x T)")
+  p.add_argument("--rounds", type=int, default=2, help="rounds of --repeats calls per training row")
   p.add_argument("--inference-steps", type=int, default=100, help="FM Euler steps (paper: 1000)")
   p.add_argument("--torch-fm-steps", type=int, default=100, help="PyTorch FM: Euler steps")
   p.add_argument("--torch-fm-batch", type=int, default=16)
@@ -247,7 +250,7 @@ def main(argv=None) -> int:
   info = _probe()
   isolate = info["reports_peak"]  # the device's peak is per process: one process per row
   run = _child if isolate else _in_process
-  base = dict(batch_size=args.batch_size, T=args.T, repeats=args.repeats,
+  base = dict(batch_size=args.batch_size, T=args.T, repeats=args.repeats, rounds=args.rounds,
               inference_steps=args.inference_steps)
   rows, seconds = [], {}
   import benchmark  # noqa: E402

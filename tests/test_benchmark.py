@@ -191,6 +191,11 @@ def test_accelerator_benchmark_runs_tiny_and_writes_its_results(tmp_path):
   assert {r["case"] for r in rows if r["table"] == "inference"} == {"dt", "ct", "fm"}
   curve = [(r["T"], r["case"], r["precision"]) for r in rows if r["table"] == "t_curve"]
   assert sorted(curve) == [(T, c, "float32") for T in (1, 2) for c in ("algorithm1", "auto")]
+  # Every training row over --rounds (default 2) rounds of --repeats (tiny: 2) calls, x T for
+  # Algorithm 1.
+  for r in rows:
+    if r["table"] in ("train", "t_curve"):
+      assert r["rounds"] == 2 and r["timed_steps"] == 2 * 2 * (r["T"] if r["kind"] == "algorithm1" else 1), r
   assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -200,7 +205,7 @@ def test_accelerator_benchmark_rows_from_a_process_of_their_own():
   there becomes an error row instead of ending the benchmark."""
   import accelerator_benchmark as acc
 
-  unit = dict(dataset="mnist", precision="float32", batch_size=4, T=2, repeats=1,
+  unit = dict(dataset="mnist", precision="float32", batch_size=4, T=2, repeats=1, rounds=1,
               inference_steps=2, what="train", case="algorithm1")
   [row] = acc._child(unit)
   assert "error" not in row, row
