@@ -5,8 +5,9 @@ that measured them, and the command line's tables rendered from the settings.
   python experiments/render_results.py --check   # exit 1 where a block and its source disagree
 
 The pages are README.md and every docs/**/*.md. Blocks this script owns:
-- `<!-- results/NAME.json -->` ... `<!-- end results -->`: a table of that results file
-  (`<!-- results/NAME.json VIEW -->` for another view of it, e.g. `headline`). To change
+- `<!-- results/NAME.json -->` ... `<!-- end results -->`: tables of that results file, in
+  the form of the script that wrote it (the command the file records);
+  `<!-- results/NAME.json VIEW -->` for another view of it, e.g. `headline`. To change
   one, rerun the command the file records, then render. Each names its machine, date,
   versions and command.
 - `<!-- flags -->` ... `<!-- /flags -->`: every flag of experiments/train.py.
@@ -186,15 +187,94 @@ def inference(res: dict, view: str | None = None) -> str:
   return "\n".join(out) + "\n"
 
 
-RENDERERS = {"results/cpu_benchmark.json": cpu_benchmark,
-             "results/cpu_benchmark_cifar10.json": cpu_benchmark,
-             "results/cpu_memory.json": cpu_memory,
-             "results/compare_mnist.json": compare,
-             "results/compare_mnist_vit.json": compare,
-             "results/continual_split_mlp.json": continual,
-             "results/precision_mnist.json": precision,
-             "results/inference_mnist_ct.json": inference,
-             "results/inference_mnist_fm.json": inference}
+def accelerator(res: dict, view: str | None = None) -> str:
+  """The accelerator benchmark (`experiments/accelerator_benchmark.py`): training rows,
+  the auto check, inference, the T-curve and the PyTorch loop on the same device."""
+  st, rows = res["settings"], res["rows"]
+  ok = lambda table: [r for r in rows if r["table"] == table and "error" not in r and "skipped" not in r]
+  mib = lambda b: f"{b / 2**20:.1f}" if b else "n/a"
+  group = lambda r: (r["dataset"], r["precision"])
+  out = [_source(res), "",
+         f"Batch {st['batch_size']}, the paper's block, random data of each dataset's shapes. "
+         f"ms: median (min-max) of {st['rounds']} rounds of {st['repeats']} calls, each round "
+         "after a warm-up; a training row's time is one update of every block (Algorithm 1: T "
+         "of its steps). Device peak: the row's own process (n/a: not reported); XLA peak: "
+         f"its memory analysis. The whole run took {res['seconds']['total'] / 60:.1f} min.", "",
+         f"Training, T = {st['T']}:", "",
+         "| shapes | precision | case | resolved | ms per T block updates | x Algorithm 1 | "
+         "device peak MiB | XLA peak MiB |", "|---|---|---|---|---:|---:|---:|---:|"]
+  train = ok("train")
+  alg1 = {group(r): r for r in train if r["case"] == "algorithm1"}
+  for r in train:
+    a = alg1.get(group(r))
+    x = f"{a['s_per_T_updates_median'] / r['s_per_T_updates_median']:.2f}" if a else "n/a"
+    out.append(f"| {r['dataset']} | {r['precision']} | {r['name']} | {r['resolved']} | "
+               f"{_ms(r, 's_per_T_updates')} | {x} | {mib(r['device_peak_bytes'])} | "
+               f"{mib(r['xla_peak_bytes'])} |")
+  out += [f"| {r['dataset']} | {r['precision']} | {r['case']} | failed: {r['error']} | | | | |"
+          for r in rows if r["table"] == "train" and "error" in r]
+  out += [""] + [f"- `auto` on {r['dataset']} {r['precision']} picked {r['picked']}; the fastest "
+                 f"parallel row was {r['fastest']} ({r['fastest_resolved']}): auto took "
+                 f"{r['auto_over_fastest']:.2f}x its time, "
+                 f"{'within' if r['within'] else 'not within'} {r['tolerance']:.0%}." for r in ok("auto")]
+  out += ["", f"Inference, one batch, mean path (FM: {st['inference_steps']} Euler steps):", "",
+          "| shapes | precision | method | ms per batch |", "|---|---|---|---:|"]
+  out += [f"| {r['dataset']} | {r['precision']} | {r['name']} | {_ms(r)} |" for r in ok("inference")]
+  curve = ok("t_curve")
+  if curve:
+    out += ["", "Step time as T grows: the parallel step (auto) against T Algorithm-1 steps, "
+            "the two taking turns at each T; ms per T block updates:", "",
+            "| shapes | precision | T | parallel step | T x Algorithm 1 | speed-up |",
+            "|---|---|---:|---:|---:|---:|"]
+    pairs = {}
+    for r in curve:
+      pairs.setdefault((*group(r), r["T"]), {})[r["case"]] = r
+    for (dataset, precision, T), pair in pairs.items():
+      par, a = pair.get("auto"), pair.get("algorithm1")
+      if par and a:
+        out.append(f"| {dataset} | {precision} | {T} | {_ms(par, 's_per_T_updates')} | "
+                   f"{_ms(a, 's_per_T_updates')} | "
+                   f"{a['s_per_T_updates_median'] / par['s_per_T_updates_median']:.2f}x |")
+  torch = ok("torch")
+  if torch:
+    ours = {("step", *group(r)): r for r in train if r["case"] == "auto"}
+    ours |= {("block_step", *group(r)): {f"s_{q}": r[f"s_{q}"] for q in ("min", "median", "max")}
+             for r in train if r["case"] == "algorithm1"}
+    ours |= {("dt_predict", *group(r)): r for r in ok("inference") if r["case"] == "dt"}
+    out += ["", f"Against the PyTorch per-block loop (torch {torch[0]['torch']}, on "
+            f"{torch[0]['torch_device']}), float32; ms: median (min-max):", "",
+            "| shapes | | noprop_jax | PyTorch | PyTorch / noprop_jax |", "|---|---|---:|---:|---:|"]
+    names = {"step": "training: all T blocks once", "block_step": "training: one block's step",
+             "dt_predict": "NoProp-DT inference, one batch"}
+    for r in torch:
+      mine = ours.get((r["case"], r["dataset"], "float32"))
+      if r["case"] == "fm_predict" or mine is None:
+        continue
+      key = "s_per_T_updates" if r["case"] == "step" else "s"
+      out.append(f"| {r['dataset']} | {names[r['case']]} | {_ms(mine, key)} | {_ms(r)} | "
+                 f"{r['s_median'] / mine[f'{key}_median']:.2f}x |")
+    fm = [r for r in torch if r["case"] == "fm_predict"]
+    out += [f"\nPyTorch's NoProp-FM inference ({st['torch_fm_steps']} Euler steps, the whole "
+            f"block at each, {st['torch_fm_batch']} images) on {r['dataset']}: {_ms(r)} ms." for r in fm]
+  out += [f"\nPyTorch on {r['dataset']}: {r['skipped']}." for r in rows if r["table"] == "torch"
+          and "skipped" in r]
+  return "\n".join(out) + "\n"
+
+
+# A results file records the command that wrote it; its script picks the renderer.
+RENDERERS = {"benchmark.py": cpu_benchmark, "memory_benchmark.py": cpu_memory,
+             "compare.py": compare, "continual.py": continual, "precision_check.py": precision,
+             "inference_benchmark.py": inference, "accelerator_benchmark.py": accelerator}
+
+
+def renderer(res: dict, name: str):
+  """The renderer of a results file, by the script its command ran."""
+  words = res.get("command", "").split()  # python experiments/SCRIPT.py ...
+  script = Path(words[1]).name if len(words) > 1 else None
+  if script not in RENDERERS:
+    raise SystemExit(f"{name}: no renderer for results written by {res.get('command')!r}; "
+                     f"known scripts: {sorted(RENDERERS)}")
+  return RENDERERS[script]
 
 
 def pages(root: Path = ROOT) -> list[Path]:
@@ -208,13 +288,11 @@ def render(text: str, root: Path = ROOT) -> str:
 
   def results(m):
     name, view = m.group(2), m.group(3)
-    if name not in RENDERERS:
-      raise SystemExit(f"no renderer for {name}; known: {sorted(RENDERERS)}")
     if not (root / name).is_file():
       raise SystemExit(f"{name} does not exist: run the command that writes it (named beside its "
                        "block), then render")
     res = json.loads((root / name).read_text())
-    return m.group(1) + RENDERERS[name](res, view) + m.group(5)
+    return m.group(1) + renderer(res, name)(res, view) + m.group(5)
 
   text = BLOCK.sub(results, text)
   text = FLAGS.sub(lambda m: m.group(1) + cli.flag_table() + "\n" + m.group(3), text)
