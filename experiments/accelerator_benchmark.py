@@ -22,7 +22,8 @@ the peak of each training row alone: each runs in a fresh process, as that peak 
 resets (the T-curve rows share one process per pair: XLA's analysis only).
 
 Writes --out (JSON: the command, date, machine, library versions, settings and every row)
-and --plot (the T-curve, PNG).
+and --plot (the T-curve, PNG); `python experiments/render_results.py` renders the JSON
+into the documentation's block for it.
 """
 
 import argparse
@@ -38,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import results  # noqa: E402  (a sibling module: the results file)
 T_CURVE = (1, 2, 5, 10, 20, 40)
+OUT, PLOT = Path("results/accelerator_benchmark.json"), Path("docs/img/accelerator_benchmark.png")
 TRAIN_CASES = ("vmap", "unroll", "chunks1-scan", "auto", "algorithm1", "backprop", "backprop-remat")
 TINY = dict(datasets=["mnist"], batch_size=8, T=2, t_curve_T=[1, 2], repeats=2,
             inference_steps=2, torch_fm_steps=2, torch_fm_batch=2)
@@ -179,6 +181,7 @@ def t_curve_plot(rows: list[dict], path: Path, machine: str) -> None:
   ax.set_title(f"Training every block once on a batch: {machine}", fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=120)
 
 
@@ -229,8 +232,9 @@ def main(argv=None) -> int:
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--tiny", action="store_true", help="tiny sizes on any backend (the tests): "
                  + ", ".join(f"{k}={v}" for k, v in TINY.items()))
-  p.add_argument("--out", type=Path, default=Path("results/accelerator_benchmark.json"))
-  p.add_argument("--plot", type=Path, default=None, help="default: --out with .png")
+  p.add_argument("--out", type=Path, default=OUT)
+  p.add_argument("--plot", type=Path, default=None, help=f"default: {PLOT} (the documentation "
+                 "shows it) with the default --out, else --out with .png")
   p.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # child: one unit
   args = p.parse_args(argv)
   if args.unit:
@@ -294,7 +298,7 @@ def main(argv=None) -> int:
                 info["backend"], info["device_kind"], device_count=info["device_count"],
                 seconds=seconds)
   machine = results.machine(info["backend"], info["device_kind"])["summary"]
-  plot = args.plot or args.out.with_suffix(".png")
+  plot = args.plot or (PLOT if args.out == OUT else args.out.with_suffix(".png"))
   t_rows = [r for r in rows if r["table"] == "t_curve"]
   if t_rows:
     t_curve_plot(t_rows, plot, machine)

@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import benchmark  # noqa: E402
+import render_results  # noqa: E402
 from conftest import build  # noqa: E402
 
 MiB = 2**20
@@ -197,6 +198,19 @@ def test_accelerator_benchmark_runs_tiny_and_writes_its_results(tmp_path):
     if r["table"] in ("train", "t_curve"):
       assert r["rounds"] == 2 and r["timed_steps"] == 2 * 2 * (r["T"] if r["kind"] == "algorithm1" else 1), r
   assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The documentation's tables of it: every training row with its time per T block updates
+  # and its throughput over Algorithm 1's, the auto check, and the speed-up at each T.
+  page = render_results.renderer(res, "acc.json")(res)
+  a1 = train["algorithm1"]["s_per_T_updates_median"]
+  for r in train.values():
+    assert (f"| mnist | bfloat16 | {r['name']} | {r['resolved']} | "
+            f"{1e3 * r['s_per_T_updates_median']:.1f} (") in page
+    assert f") | {a1 / r['s_per_T_updates_median']:.2f} |" in page
+  assert f"auto took {auto['auto_over_fastest']:.2f}x its time" in page
+  at = {(r["T"], r["case"]): r["s_per_T_updates_median"] for r in rows if r["table"] == "t_curve"}
+  for T in (1, 2):
+    assert f"| mnist | float32 | {T} | " in page
+    assert f" | {at[T, 'algorithm1'] / at[T, 'auto']:.2f}x |" in page
 
 
 def test_accelerator_benchmark_rows_from_a_process_of_their_own():
