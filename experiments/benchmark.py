@@ -287,11 +287,6 @@ def train_rows(specs: list[tuple[str, str, RunConfig]], repeats: int, rounds: in
           for (row, _), ts in zip(prepared, times)]
 
 
-def train_row(key: str, kind: str, cfg: RunConfig, repeats: int) -> dict:
-  """One training row alone: compiled, then `repeats` steps timed (Algorithm 1: x T)."""
-  return train_rows([(key, kind, cfg)], repeats, rounds=1)[0]
-
-
 def inference_rows(args) -> list[dict]:
   """NoProp-DT (auto, mean path) and NoProp-CT/FM (Euler, mean path) inference."""
   base = dict(dataset=args.dataset, batch_size=args.batch_size, precision=args.precision)
