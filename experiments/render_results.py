@@ -49,6 +49,18 @@ def _timed(res: dict, r0: dict) -> str:
           else f"{steps};")
 
 
+TORCH_ITEMS = {"step": "training: all T blocks once", "block_step": "training: one block's step",
+               "dt_predict": "NoProp-DT inference, one batch"}
+
+
+def _auto(check: dict, where: str = "") -> str:
+  """The auto check's sentence: what `auto` picked against the fastest configuration."""
+  return (f"`auto`{where} picked {check['picked']}; the fastest parallel row was "
+          f"{check['fastest']} ({check['fastest_resolved']}): auto took "
+          f"{check['auto_over_fastest']:.2f}x its time, "
+          f"{'within' if check['within'] else 'not within'} {check['tolerance']:.0%}.")
+
+
 def cpu_benchmark(res: dict, view: str | None = None) -> str:
   rows = res["rows"]
   train = [r for r in rows if r["table"] == "train" and "error" not in r]
@@ -71,17 +83,14 @@ def cpu_benchmark(res: dict, view: str | None = None) -> str:
                f"{r['x_algorithm1']:.2f} | {pct} | {r['xla_temp_mib']:.1f} |")
   auto = next((r for r in rows if r["table"] == "auto"), None)
   if auto:
-    out += ["", f"`auto` picked {auto['picked']}; the fastest parallel row was {auto['fastest']} "
-            f"({auto['fastest_resolved']}): auto took {auto['auto_over_fastest']:.2f}x its time, "
-            f"{'within' if auto['within'] else 'not within'} {auto['tolerance']:.0%}."]
+    out += ["", _auto(auto)]
   torch = [r for r in rows if r["table"] == "torch" and "error" not in r]
   if torch:
     out += ["", f"Against the PyTorch per-block loop (torch {torch[0]['torch_version']}, "
             f"{torch[0]['threads']} threads, its own process), timed alternately in "
             f"{res['settings']['rounds']} rounds; ms: median (min-max):", "",
             "| | noprop_jax ms | PyTorch ms | PyTorch / noprop_jax |", "|---|---:|---:|---:|"]
-    names = {"step": "training: all T blocks once", "block_step": "training: one block's step",
-             "dt_predict": "NoProp-DT inference, one batch",
+    names = {**TORCH_ITEMS,
              "fm_predict": f"NoProp-FM inference, {res['settings']['torch_fm_steps']} Euler steps"}
     for r in torch:
       jax_ms = _ms({"s_median": r["jax_s"], "s_min": r["jax_s_min"], "s_max": r["jax_s_max"]})
@@ -213,10 +222,7 @@ def accelerator(res: dict, view: str | None = None) -> str:
                f"{mib(r['xla_peak_bytes'])} |")
   out += [f"| {r['dataset']} | {r['precision']} | {r['case']} | failed: {r['error']} | | | | |"
           for r in rows if r["table"] == "train" and "error" in r]
-  out += [""] + [f"- `auto` on {r['dataset']} {r['precision']} picked {r['picked']}; the fastest "
-                 f"parallel row was {r['fastest']} ({r['fastest_resolved']}): auto took "
-                 f"{r['auto_over_fastest']:.2f}x its time, "
-                 f"{'within' if r['within'] else 'not within'} {r['tolerance']:.0%}." for r in ok("auto")]
+  out += [""] + ["- " + _auto(r, f" on {r['dataset']} {r['precision']}") for r in ok("auto")]
   out += ["", f"Inference, one batch, mean path (FM: {st['inference_steps']} Euler steps):", "",
           "| shapes | precision | method | ms per batch |", "|---|---|---|---:|"]
   out += [f"| {r['dataset']} | {r['precision']} | {r['name']} | {_ms(r)} |" for r in ok("inference")]
@@ -238,20 +244,17 @@ def accelerator(res: dict, view: str | None = None) -> str:
   torch = ok("torch")
   if torch:
     ours = {("step", *group(r)): r for r in train if r["case"] == "auto"}
-    ours |= {("block_step", *group(r)): {f"s_{q}": r[f"s_{q}"] for q in ("min", "median", "max")}
-             for r in train if r["case"] == "algorithm1"}
+    ours |= {("block_step", *group(r)): r for r in train if r["case"] == "algorithm1"}
     ours |= {("dt_predict", *group(r)): r for r in ok("inference") if r["case"] == "dt"}
     out += ["", f"Against the PyTorch per-block loop (torch {torch[0]['torch']}, on "
             f"{torch[0]['torch_device']}), float32; ms: median (min-max):", "",
             "| shapes | | noprop_jax | PyTorch | PyTorch / noprop_jax |", "|---|---|---:|---:|---:|"]
-    names = {"step": "training: all T blocks once", "block_step": "training: one block's step",
-             "dt_predict": "NoProp-DT inference, one batch"}
     for r in torch:
       mine = ours.get((r["case"], r["dataset"], "float32"))
       if r["case"] == "fm_predict" or mine is None:
         continue
       key = "s_per_T_updates" if r["case"] == "step" else "s"
-      out.append(f"| {r['dataset']} | {names[r['case']]} | {_ms(mine, key)} | {_ms(r)} | "
+      out.append(f"| {r['dataset']} | {TORCH_ITEMS[r['case']]} | {_ms(mine, key)} | {_ms(r)} | "
                  f"{r['s_median'] / mine[f'{key}_median']:.2f}x |")
     fm = [r for r in torch if r["case"] == "fm_predict"]
     out += [f"\nPyTorch's NoProp-FM inference ({st['torch_fm_steps']} Euler steps, the whole "
